@@ -1,0 +1,355 @@
+"""Tape programs: one traced tf.function per distinct job signature, cached, fed only values.
+
+A program computes the value and every requested derivative from one forward pass under nested
+persistent GradientTapes (plus a ForwardAccumulator for jvp), as in the GradientTape guide.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from service.errors import (
+    EvaluationError,
+    InvalidRequest,
+    LimitExceeded,
+    NotDifferentiable,
+    ShapeError,
+    TapeserveError,
+)
+from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult
+from service.expr.compiler import Compiler
+from service.expr.program import Program, build_program
+from service.limits import Limits
+
+__all__ = ["TapeProgram", "cache_info", "run"]
+
+_ZERO = tf.UnconnectedGradients.ZERO
+_DTYPES = {"float32": tf.float32, "float64": tf.float64}
+
+
+@dataclass(slots=True)
+class TapeProgram:
+    """A traced program: call it with input arrays in ``inputs`` order, get named output tensors."""
+
+    fn: Callable[..., dict[str, Any]]
+    inputs: tuple[tuple[str, str], ...]  # (group, name): group in variables/constants/tangents/cotangent
+    compile_ms: float
+
+
+class _ProgramCache:
+    """A bounded LRU of traced programs; evicting one frees its graph."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self.entries: OrderedDict[str, TapeProgram] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> TapeProgram | None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+            self.hits += 1
+        else:
+            self.misses += 1
+        return entry
+
+    def put(self, key: str, program: TapeProgram) -> None:
+        self.entries[key] = program
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+# 256 programs: each holds a few graphs of a few hundred KB; bounded well under a worker's memory.
+_CACHE = _ProgramCache(int(os.environ.get("TAPESERVE_CACHE_SIZE", "256")))
+
+
+def cache_info() -> dict[str, int]:
+    return {"size": len(_CACHE.entries), "capacity": _CACHE.size, "hits": _CACHE.hits, "misses": _CACHE.misses}
+
+
+def run(job: GradientJob, limits: Limits | None = None) -> GradientResult:
+    """Compute a job's value and derivatives, compiling (and caching) its program on first sight."""
+    limits = limits or Limits()
+    if not isinstance(job, GradientJob):
+        raise InvalidRequest(f"unknown job type {type(job).__name__}")
+    key = job.signature()
+    program = _CACHE.get(key)
+    cache = "hit"
+    if program is None:
+        cache = "miss"
+        program = _compile(job, limits)
+        _CACHE.put(key, program)
+    dtype = np.float32 if job.dtype == "float32" else np.float64
+    args = []
+    for group, name in program.inputs:
+        if group == "cotangent":
+            assert job.cotangent is not None
+            args.append(np.asarray(job.cotangent, dtype))
+        else:
+            args.append(np.asarray(getattr(job, group)[name], dtype))
+    start = time.perf_counter()
+    try:
+        outputs = program.fn(*args)
+        arrays = {k: v.numpy() for k, v in outputs.items()}
+    except tf.errors.InvalidArgumentError as exc:
+        message = (exc.message or str(exc)).strip().splitlines()[0][:300]
+        raise EvaluationError(f"the computation failed for these values: {message}") from None
+    compute_ms = (time.perf_counter() - start) * 1000.0
+    result = _unflatten(arrays, (list(job.wrt) if job.wrt else list(job.variables) or [None])[0])
+    result.cache = cache
+    result.compute_ms = compute_ms
+    return result
+
+
+def _unflatten(arrays: dict[str, np.ndarray], variable: str | None) -> GradientResult:
+    result = GradientResult(value=arrays["value"])
+    higher: list[tuple[int, np.ndarray]] = []
+    for key, array in arrays.items():
+        kind, _, rest = key.partition("/")
+        if kind in ("gradient", "jacobian", "hvp", "vjp"):
+            target = getattr(result, kind)
+            if target is None:
+                target = {}
+                setattr(result, kind, target)
+            target[rest] = array
+        elif kind == "hessian":
+            a, b = rest.split("/")
+            if result.hessian is None:
+                result.hessian = {}
+            result.hessian.setdefault(a, {})[b] = array
+        elif kind == "jvp":
+            result.jvp = array
+        elif kind == "higher":
+            higher.append((int(rest), array))
+    if higher:
+        result.higher = {
+            "variable": variable or "",
+            "order": len(higher),
+            "derivatives": [a for _, a in sorted(higher, key=lambda p: p[0])],
+        }
+    return result
+
+
+def _validate(job: GradientJob, limits: Limits) -> tuple[list[str], set[str]]:
+    if job.dtype not in _DTYPES:
+        raise InvalidRequest(f"dtype must be 'float32' or 'float64', got {job.dtype!r}", field="dtype")
+    derivatives = set(job.derivatives)
+    unknown = derivatives - set(DERIVATIVES)
+    if unknown:
+        raise InvalidRequest(
+            f"unknown derivative(s) {sorted(unknown)}; allowed: {', '.join(DERIVATIVES)}", field="derivatives"
+        )
+    wrt = list(job.wrt) if job.wrt is not None else list(job.variables)
+    for name in wrt:
+        if name not in job.variables:
+            raise InvalidRequest(f"wrt names {name!r}, which is not a variable", field="wrt")
+    if derivatives & {"hvp", "jvp"}:
+        for name in wrt:
+            if name not in job.tangents:
+                raise InvalidRequest(f"hvp and jvp need a tangent for every wrt variable; missing {name!r}",
+                                     field=f"tangents.{name}")
+            if job.tangents[name].shape != job.variables[name].shape:
+                raise ShapeError(
+                    f"tangent for {name!r} has shape {list(job.tangents[name].shape)}, the variable has "
+                    f"shape {list(job.variables[name].shape)}",
+                    field=f"tangents.{name}",
+                )
+    if "vjp" in derivatives and job.cotangent is None:
+        raise InvalidRequest("vjp needs a cotangent of the expression's shape", field="cotangent")
+    if job.order is not None:
+        if not 1 <= job.order <= limits.max_order:
+            raise InvalidRequest(f"order must be between 1 and {limits.max_order}", field="order")
+        if len(wrt) != 1:
+            raise InvalidRequest(
+                f"order needs exactly one variable to differentiate by; give wrt=[name] (got {len(wrt)})",
+                field="wrt",
+            )
+    if job.batch:
+        sizes = {name: (v.shape[0] if v.ndim else None) for name, v in job.variables.items()}
+        if any(s is None for s in sizes.values()):
+            scalar = next(k for k, s in sizes.items() if s is None)
+            raise ShapeError(f"batch is true but variable {scalar!r} is a scalar; it needs a leading batch axis",
+                             field=f"variables.{scalar}")
+        if len(set(sizes.values())) > 1:
+            raise ShapeError(f"batch is true but the variables' leading axes differ: {sizes}", field="variables")
+        if not job.variables:
+            raise InvalidRequest("batch needs at least one variable", field="variables")
+    return wrt, derivatives
+
+
+def _compile(job: GradientJob, limits: Limits) -> TapeProgram:
+    wrt, derivatives = _validate(job, limits)
+    program = build_program(job.expression, list(job.variables), list(job.constants), job.functions, limits)
+    dtype = _DTYPES[job.dtype]
+    var_names = list(job.variables)
+    const_names = list(job.constants)
+    tangent_names = wrt if derivatives & {"hvp", "jvp"} else []
+    use_cot = "vjp" in derivatives
+    batch = next(iter(job.variables.values())).shape[0] if job.batch else 1
+
+    inputs: list[tuple[str, str]] = [("variables", k) for k in var_names]
+    inputs += [("constants", k) for k in const_names]
+    inputs += [("tangents", k) for k in tangent_names]
+    if use_cot:
+        inputs.append(("cotangent", ""))
+    specs = []
+    for group, name in inputs:
+        array = job.cotangent if group == "cotangent" else getattr(job, group)[name]
+        assert array is not None
+        specs.append(tf.TensorSpec(array.shape, dtype, name=f"{group}_{name}"[:60]))
+
+    nv, nc, nt = len(var_names), len(const_names), len(tangent_names)
+
+    def body(*tensors: Any) -> dict[str, Any]:
+        variables = list(tensors[:nv])
+        constants = list(tensors[nv : nv + nc])
+        tangents = list(tensors[nv + nc : nv + nc + nt])
+        cotangent = tensors[-1] if use_cot else None
+        if not job.batch:
+            return _tape_program(program, job, limits, wrt, derivatives, dtype,
+                                 variables, constants, tangents, cotangent, var_names, const_names, batch)
+
+        def point(elems: tuple[list[Any], list[Any], Any]) -> dict[str, Any]:
+            pv, pt, pc = elems
+            return _tape_program(program, job, limits, wrt, derivatives, dtype,
+                                 pv, constants, pt, pc, var_names, const_names, batch)
+
+        cot_elems = cotangent if cotangent is not None else tf.zeros([batch], dtype)
+        return tf.vectorized_map(point, (variables, tangents, cot_elems), fallback_to_while_loop=True)  # type: ignore[no-any-return]
+
+    start = time.perf_counter()
+    fn = tf.function(body, input_signature=specs, autograph=False)
+    try:
+        concrete = fn.get_concrete_function()
+    except TapeserveError:
+        raise
+    except LookupError as exc:
+        raise NotDifferentiable(f"an operation in the expression has no gradient: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ShapeError(f"the program could not be built: {message}") from None
+    compile_ms = (time.perf_counter() - start) * 1000.0
+    return TapeProgram(concrete, tuple(inputs), compile_ms)
+
+
+def _check_size(count: int, batch: int, limits: Limits, what: str) -> None:
+    if count * batch > limits.max_tensor_elements:
+        raise LimitExceeded(
+            f"the {what} would have {count * batch} elements; at most {limits.max_tensor_elements} are allowed",
+            limit="max_tensor_elements",
+            allowed=limits.max_tensor_elements,
+        )
+
+
+def _numel(shape: Any) -> int:
+    return int(np.prod([int(d) for d in shape], dtype=np.int64)) if len(shape) else 1
+
+
+def _tape_program(
+    program: Program,
+    job: GradientJob,
+    limits: Limits,
+    wrt: list[str],
+    derivatives: set[str],
+    dtype: Any,
+    variables: list[Any],
+    constants: list[Any],
+    tangents: list[Any],
+    cotangent: Any,
+    var_names: list[str],
+    const_names: list[str],
+    batch: int,
+) -> dict[str, Any]:
+    """Trace value and derivatives for one point (or the whole input when not batched)."""
+    compiler = Compiler(program, dtype, limits, batch_size=batch)
+    env = dict(zip(var_names, variables, strict=True)) | dict(zip(const_names, constants, strict=True))
+    xs = [env[name] for name in wrt]
+    order = job.order or 0
+    second = bool(derivatives & {"hessian", "hvp"})
+    first = second or bool(derivatives & {"gradient", "jacobian", "vjp"}) or order > 0
+    depth = max(order, 2 if second else (1 if first else 0))
+
+    out: dict[str, Any] = {}
+    tapes: list[tf.GradientTape] = []
+    open_tapes = 0
+    try:
+        for _ in range(depth):
+            tape = tf.GradientTape(persistent=True)
+            tape.__enter__()
+            open_tapes += 1
+            tape.watch(xs)
+            tapes.append(tape)
+        if "jvp" in derivatives:
+            with tf.autodiff.ForwardAccumulator(xs, tangents) as acc:
+                f = compiler.evaluate(env)
+                out["jvp"] = acc.jvp(f, unconnected_gradients=_ZERO)
+        else:
+            f = compiler.evaluate(env)
+        out["value"] = f
+        per_point = " per point" if job.batch else ""
+        if ("hessian" in derivatives or order) and f.shape.rank != 0:
+            what = "hessian" if "hessian" in derivatives else "order"
+            raise ShapeError(
+                f"{what} needs a scalar expression, this one has shape {list(f.shape)}{per_point}; "
+                "reduce it (e.g. sum(...)) or ask for the jacobian",
+                field="derivatives" if what == "hessian" else "order",
+            )
+        if order:
+            _check_size(_numel(xs[0].shape) ** order, batch, limits, f"order-{order} derivative")
+        grads: list[Any] = []
+        chain: list[Any] = []
+        # Close the tapes innermost first; each derivative is taken while the outer tapes still
+        # record it, so they can differentiate it once more.
+        for level in range(depth - 1, -1, -1):
+            tapes[level].__exit__(None, None, None)
+            open_tapes -= 1
+            if level == depth - 1:
+                grads = tapes[level].gradient(f, xs, unconnected_gradients=_ZERO)
+                chain = [grads[0]] if order else []
+            elif len(chain) < order:
+                chain.append(tapes[level].jacobian(chain[-1], xs[0], unconnected_gradients=_ZERO))
+        for i, d in enumerate(chain):
+            out[f"higher/{i + 1}"] = d
+        if "gradient" in derivatives:
+            for name, g in zip(wrt, grads, strict=True):
+                out[f"gradient/{name}"] = g
+        if "jacobian" in derivatives:
+            for name, x in zip(wrt, xs, strict=True):
+                _check_size(_numel(f.shape) * _numel(x.shape), batch, limits, f"jacobian for {name!r}")
+                out[f"jacobian/{name}"] = tapes[-1].jacobian(f, x, unconnected_gradients=_ZERO)
+        if "vjp" in derivatives:
+            if cotangent.shape != f.shape:
+                raise ShapeError(
+                    f"cotangent has shape {list(cotangent.shape)}{per_point}, the expression's value has "
+                    f"shape {list(f.shape)}{per_point}",
+                    field="cotangent",
+                )
+            vjp = tapes[-1].gradient(f, xs, output_gradients=cotangent, unconnected_gradients=_ZERO)
+            for name, v in zip(wrt, vjp, strict=True):
+                out[f"vjp/{name}"] = v
+        if "hessian" in derivatives:
+            for a, ga in zip(wrt, grads, strict=True):
+                for b, xb in zip(wrt, xs, strict=True):
+                    _check_size(_numel(ga.shape) * _numel(xb.shape), batch, limits, f"hessian block {a}, {b}")
+                    out[f"hessian/{a}/{b}"] = tapes[-2].jacobian(ga, xb, unconnected_gradients=_ZERO)
+        if "hvp" in derivatives:
+            hvp = tapes[-2].gradient(grads, xs, output_gradients=tangents, unconnected_gradients=_ZERO)
+            for name, h in zip(wrt, hvp, strict=True):
+                out[f"hvp/{name}"] = h
+        return out
+    except LookupError as exc:
+        raise NotDifferentiable(f"an operation in the expression has no gradient: {exc}") from None
+    finally:
+        while open_tapes:
+            open_tapes -= 1
+            tapes[open_tapes].__exit__(None, None, None)

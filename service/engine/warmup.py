@@ -1,0 +1,14 @@
+"""Called once in each worker before it reports ready: imports TensorFlow and runs a tiny program."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.engine import execute
+from service.engine.jobs import GradientJob
+
+
+def warmup() -> None:
+    # One small gradient+Hessian pulls in TF's kernels and tracing machinery (~1 s), so the first
+    # real request does not pay for it.
+    execute(GradientJob("sum(x**2)", {"x": np.zeros(2, np.float32)}, derivatives=("gradient", "hessian")))

@@ -1,0 +1,467 @@
+"""Checks a request's expression and user functions as a whole, without TensorFlow.
+
+``build_program`` parses every piece of text, resolves every name, binds every call to its
+signature (static arguments must be literals), refuses recursion and counts syntax nodes after
+inlining user functions, so the API rejects bad programs before any worker is involved.
+"""
+
+from __future__ import annotations
+
+import difflib
+import keyword
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import InvalidArgument, InvalidRequest, LimitExceeded, SourceLocation, UnknownName
+from service.expr import nodes as n
+from service.expr.functions import (
+    AXIS,
+    BOOL,
+    BUILTINS,
+    CONSTANTS,
+    DTYPE,
+    DTYPES,
+    INT,
+    NUMBER,
+    ORD,
+    REQUIRED,
+    SHAPE,
+    STR,
+    TENSORS,
+    VARIADIC,
+    Builtin,
+)
+from service.expr.parser import parse_expression
+from service.limits import Limits
+
+__all__ = ["BoundCall", "FunctionDef", "Program", "bind_builtin", "build_program", "is_identifier"]
+
+# Static integers (axes, shapes, counts) are bounded so no user text becomes Python big-int work.
+_MAX_STATIC_INT = 2**31 - 1
+_RESERVED = {"y", "dy"}  # names a gradient expression sees besides the parameters
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionDef:
+    """A user function: parameters, body, and optional gradient expressions per parameter."""
+
+    name: str
+    params: tuple[str, ...]
+    body: n.Node
+    body_text: str
+    gradient: dict[str, n.Node] | None
+    gradient_text: dict[str, str] | None
+    doc: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """A checked request program: the expression, user functions (in definition order), inputs."""
+
+    expression: n.Node
+    text: str
+    functions: dict[str, FunctionDef]
+    variables: tuple[str, ...]
+    constants: tuple[str, ...]
+    node_count: int
+    sources: dict[str, str] = field(default_factory=dict)  # source name -> text, for error carets
+
+
+@dataclass(frozen=True, slots=True)
+class BoundCall:
+    """A builtin call with each parameter's argument: a node (tensor kinds) or a static value."""
+
+    builtin: Builtin
+    values: tuple[Any, ...]  # per param: Node, list[Node] (TENSORS/VARIADIC) or a Python value
+
+
+def is_identifier(name: str) -> bool:
+    return name.isidentifier() and name.isascii() and not keyword.iskeyword(name)
+
+
+class _Checker:
+    def __init__(self, sources: dict[str, str], limits: Limits) -> None:
+        self.sources = sources
+        self.limits = limits
+
+    def where(self, source: str, span: n.Span) -> dict[str, Any]:
+        end = span.end_column if span.end_line == span.line else None
+        return {
+            "text": self.sources.get(source),
+            "where": SourceLocation(source, span.line, span.column, end),
+        }
+
+    def check(
+        self,
+        node: n.Node | n.Slice | n.Keyword,
+        source: str,
+        names: frozenset[str],
+        functions: Mapping[str, FunctionDef],
+        sizes: Mapping[str, int],
+        forbidden: Mapping[str, str],
+    ) -> int:
+        """Validate a tree; returns its syntax-node count with user functions inlined."""
+        count = 1
+        if isinstance(node, n.Name):
+            if node.id not in names and node.id not in CONSTANTS:
+                raise self.unknown(node.id, node.span, source, names | set(CONSTANTS), "name")
+        elif isinstance(node, n.Call):
+            count += self.check_call(node, source, names, functions, sizes, forbidden)
+            return count
+        elif isinstance(node, n.Str):
+            raise InvalidArgument(
+                "a string is only allowed as an argument that takes one (einsum subscripts, cast dtype)",
+                **self.where(source, node.span),
+            )
+        elif isinstance(node, n.NoneLit | n.EllipsisLit):
+            what = "None" if isinstance(node, n.NoneLit) else "'...'"
+            raise InvalidArgument(
+                f"{what} is only allowed inside an index, e.g. x[:, None] or x[..., 0]",
+                **self.where(source, node.span),
+            )
+        elif isinstance(node, n.Subscript):
+            count += self.check(node.value, source, names, functions, sizes, forbidden)
+            for item in node.index:
+                if not isinstance(item, n.NoneLit | n.EllipsisLit):
+                    count += self.check(item, source, names, functions, sizes, forbidden)
+            return count
+        for child in n.children(node):
+            count += self.check(child, source, names, functions, sizes, forbidden)
+        return count
+
+    def unknown(self, name: str, span: n.Span, source: str, known: Any, what: str) -> UnknownName:
+        candidates = sorted(set(known))
+        close = difflib.get_close_matches(name, candidates, n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        if name.startswith("__"):
+            hint = "; dunder names do not exist in the expression language"
+        return UnknownName(
+            f"unknown {what} {name!r}{hint}",
+            name=name,
+            suggestions=close,
+            **self.where(source, span),
+        )
+
+    def check_call(
+        self,
+        call: n.Call,
+        source: str,
+        names: frozenset[str],
+        functions: Mapping[str, FunctionDef],
+        sizes: Mapping[str, int],
+        forbidden: Mapping[str, str],
+    ) -> int:
+        if call.func in forbidden:
+            raise InvalidArgument(forbidden[call.func], **self.where(source, call.func_span))
+        count = 0
+        if call.func in functions:
+            fdef = functions[call.func]
+            if call.keywords:
+                raise InvalidArgument(
+                    f"user function {call.func!r} takes positional arguments only",
+                    **self.where(source, call.keywords[0].span),
+                )
+            if len(call.args) != len(fdef.params):
+                raise InvalidArgument(
+                    f"{call.func}() takes {len(fdef.params)} argument(s) "
+                    f"({', '.join(fdef.params)}), got {len(call.args)}",
+                    **self.where(source, call.span),
+                )
+            count += sizes[call.func]
+            tensor_args: list[n.Node] = list(call.args)
+        elif call.func in BUILTINS:
+            bound = bind_builtin(BUILTINS[call.func], call, self.sources.get(source), source)
+            tensor_args = []
+            for param, value in zip(bound.builtin.params, bound.values, strict=True):
+                if param.kind in (TENSORS, VARIADIC):
+                    tensor_args.extend(value)
+                elif param.kind == "tensor" and value is not None:
+                    tensor_args.append(value)
+        else:
+            known = set(BUILTINS) | set(functions)
+            raise self.unknown(call.func, call.func_span, source, known, "function")
+        for arg in tensor_args:
+            count += self.check(arg, source, names, functions, sizes, forbidden)
+        return count
+
+
+def _static(node: n.Node, kind: str, what: str, text: str | None, source: str) -> Any:
+    """The Python value of a literal argument of a static kind, or InvalidArgument."""
+
+    def fail(expected: str) -> InvalidArgument:
+        end = node.span.end_column if node.span.end_line == node.span.line else None
+        return InvalidArgument(
+            f"{what} must be {expected}",
+            text=text,
+            where=SourceLocation(source, node.span.line, node.span.column, end),
+        )
+
+    def number(m: n.Node) -> float | None:
+        if isinstance(m, n.Num):
+            return m.value
+        if isinstance(m, n.Name) and m.id in CONSTANTS:
+            return CONSTANTS[m.id]
+        if isinstance(m, n.Unary) and m.op in "-+":
+            inner = number(m.operand)
+            return None if inner is None else (-inner if m.op == "-" else inner)
+        return None
+
+    def integer(m: n.Node) -> int | None:
+        value = number(m)
+        inner = m.operand if isinstance(m, n.Unary) else m
+        if value is None or not (isinstance(inner, n.Num) and inner.is_int):
+            return None
+        if abs(value) > _MAX_STATIC_INT:
+            raise fail(f"an integer of at most {_MAX_STATIC_INT} in magnitude")
+        return int(value)
+
+    def integers(m: n.Node) -> tuple[int, ...] | None:
+        if isinstance(m, n.Seq):
+            out = [integer(item) for item in m.items]
+            return None if any(v is None for v in out) else tuple(v for v in out if v is not None)
+        single = integer(m)
+        return None if single is None else (single,)
+
+    if kind == INT:
+        if isinstance(node, n.NoneLit):
+            return None
+        value = integer(node)
+        if value is None:
+            raise fail("an integer literal")
+        return value
+    if kind == AXIS:
+        if isinstance(node, n.NoneLit):
+            return None
+        single = integer(node)
+        if single is not None:
+            return single
+        values = integers(node)
+        if values is None:
+            raise fail("None, an integer literal or a tuple of integer literals")
+        return values
+    if kind == SHAPE:
+        values = integers(node)
+        if values is None:
+            raise fail("an integer literal or a tuple of integer literals")
+        return values
+    if kind == NUMBER:
+        if isinstance(node, n.NoneLit):
+            return None
+        value = number(node)
+        if value is None:
+            raise fail("a numeric literal")
+        return value
+    if kind == ORD:
+        if isinstance(node, n.NoneLit):
+            return None
+        if isinstance(node, n.Str) and node.value == "fro":
+            return "fro"
+        value = number(node)
+        if value not in (1, 2, math.inf):
+            raise fail('None, 1, 2, inf or "fro"')
+        return value
+    if kind == BOOL:
+        if not isinstance(node, n.Bool):
+            raise fail("True or False")
+        return node.value
+    if kind == STR:
+        if not isinstance(node, n.Str):
+            raise fail("a string literal")
+        return node.value
+    if kind == DTYPE:
+        if not isinstance(node, n.Str) or node.value not in DTYPES:
+            raise fail(f"one of {', '.join(repr(d) for d in DTYPES)}")
+        return node.value
+    raise AssertionError(f"unknown parameter kind {kind}")
+
+
+def bind_builtin(builtin: Builtin, call: n.Call, text: str | None, source: str) -> BoundCall:
+    """Match a call's arguments to a builtin's parameters, resolving static ones to values."""
+
+    def fail(message: str, span: n.Span) -> InvalidArgument:
+        end = span.end_column if span.end_line == span.line else None
+        return InvalidArgument(
+            f"{message}; signature: {builtin.signature}",
+            text=text,
+            where=SourceLocation(source, span.line, span.column, end),
+        )
+
+    params = builtin.params
+    slots: list[Any] = [REQUIRED] * len(params)
+    positional = list(call.args)
+    for i, param in enumerate(params):
+        if not positional:
+            break
+        if param.kind == VARIADIC:
+            slots[i] = positional
+            positional = []
+            break
+        slots[i] = positional.pop(0)
+    if positional:
+        raise fail(f"{builtin.name}() takes at most {len(params)} positional argument(s)", positional[0].span)
+    by_name = {p.name: i for i, p in enumerate(params)}
+    for kw in call.keywords:
+        if kw.name not in by_name or params[by_name[kw.name]].kind == VARIADIC:
+            raise fail(f"{builtin.name}() has no argument {kw.name!r}", kw.span)
+        if slots[by_name[kw.name]] is not REQUIRED:
+            raise fail(f"{builtin.name}() got argument {kw.name!r} twice", kw.span)
+        slots[by_name[kw.name]] = kw.value
+    values: list[Any] = []
+    for param, slot in zip(params, slots, strict=True):
+        what = f"argument {param.name!r} of {builtin.name}()"
+        if slot is REQUIRED:
+            if param.kind == VARIADIC:
+                values.append([])
+                continue
+            if param.default is REQUIRED:
+                raise fail(f"{builtin.name}() is missing argument {param.name!r}", call.span)
+            values.append(param.default)
+        elif param.kind == "tensor":
+            values.append(slot)
+        elif param.kind == VARIADIC:
+            values.append(list(slot))
+        elif param.kind == TENSORS:
+            if not isinstance(slot, n.Seq) or not slot.items:
+                raise fail(f"{what} must be a non-empty list such as [a, b]", slot.span)
+            values.append(list(slot.items))
+        else:
+            values.append(_static(slot, param.kind, what, text, source))
+    if builtin.name == "einsum":
+        if not values[1]:
+            raise fail("einsum() needs at least one operand", call.span)
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,->. ")
+        if not set(values[0]) <= allowed:
+            raise fail("einsum subscripts may contain only letters, ',', '->' and '...'", call.span)
+    return BoundCall(builtin, tuple(values))
+
+
+def _spec_text(spec: Mapping[str, Any], key: str, where: str) -> str:
+    value = spec.get(key)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{where} must be a string", field=where)
+    return value
+
+
+def build_program(
+    expression: str,
+    variables: Sequence[str],
+    constants: Sequence[str] = (),
+    functions: Mapping[str, Mapping[str, Any]] | None = None,
+    limits: Limits | None = None,
+) -> Program:
+    """Parse and check a whole request program. ``functions`` maps name -> {params, body, gradient}."""
+    limits = limits or Limits()
+    functions = functions or {}
+    if len(functions) > limits.max_functions:
+        raise LimitExceeded(
+            f"{len(functions)} functions given; at most {limits.max_functions} are allowed",
+            limit="max_functions",
+            allowed=limits.max_functions,
+        )
+    inputs = [*variables, *constants]
+    if len(inputs) > limits.max_inputs:
+        raise LimitExceeded(
+            f"{len(inputs)} variables and constants given; at most {limits.max_inputs} are allowed",
+            limit="max_inputs",
+            allowed=limits.max_inputs,
+        )
+    taken: dict[str, str] = {}
+    for kind, names in (("variable", variables), ("constant", constants), ("function", list(functions))):
+        field_name = {"variable": "variables", "constant": "constants", "function": "functions"}[kind]
+        for name in names:
+            if not is_identifier(name):
+                raise InvalidRequest(
+                    f"{kind} name {name!r} is not a valid identifier (letters, digits and _, "
+                    "not starting with a digit, not a keyword)",
+                    field=f"{field_name}.{name}",
+                )
+            if name.startswith("__"):
+                raise InvalidRequest(f"{kind} name {name!r}: names may not start with '__'", field=f"{field_name}.{name}")
+            if name in BUILTINS or name in CONSTANTS:
+                what = "built-in function" if name in BUILTINS else "constant"
+                raise InvalidRequest(
+                    f"{kind} name {name!r} would hide the {what} of that name; choose another name",
+                    field=f"{field_name}.{name}",
+                )
+            if name in taken:
+                raise InvalidRequest(
+                    f"{kind} name {name!r} is already used by a {taken[name]}", field=f"{field_name}.{name}"
+                )
+            taken[name] = kind
+
+    sources: dict[str, str] = {"expression": expression}
+    checker = _Checker(sources, limits)
+    order = list(functions)
+    defs: dict[str, FunctionDef] = {}
+    sizes: dict[str, int] = {}
+    for index, (fname, spec) in enumerate(functions.items()):
+        where = f"functions.{fname}"
+        raw_params = spec.get("params", [])
+        if not isinstance(raw_params, list | tuple) or not all(isinstance(p, str) for p in raw_params):
+            raise InvalidRequest(f"{where}.params must be a list of names", field=f"{where}.params")
+        params = tuple(raw_params)
+        for p in params:
+            if not is_identifier(p) or p.startswith("__") or p in BUILTINS or p in CONSTANTS:
+                raise InvalidRequest(
+                    f"parameter name {p!r} of {fname}() is not allowed (an identifier that is not a "
+                    "built-in function or constant)",
+                    field=f"{where}.params",
+                )
+        if len(set(params)) != len(params):
+            raise InvalidRequest(f"{fname}() has a repeated parameter name", field=f"{where}.params")
+        body_text = _spec_text(spec, "body", f"{where}.body")
+        sources[f"{where}.body"] = body_text
+        body = parse_expression(body_text, limits, f"{where}.body")
+        later = {name: f"{fname}() may only call functions defined before it; {name}() comes later"
+                 for name in order[index + 1 :]}  # fmt: skip
+        later[fname] = f"{fname}() calls itself: recursion is not allowed"
+        size = checker.check(body, f"{where}.body", frozenset(params), defs, sizes, later)
+        gradient: dict[str, n.Node] | None = None
+        gradient_text: dict[str, str] | None = None
+        raw_gradient = spec.get("gradient")
+        if raw_gradient is not None:
+            if not isinstance(raw_gradient, Mapping):
+                raise InvalidRequest(f"{where}.gradient must map parameter names to expressions", field=f"{where}.gradient")
+            clash = _RESERVED & set(params)
+            if clash:
+                raise InvalidRequest(
+                    f"{fname}() has a custom gradient, so its parameters may not be named "
+                    f"{' or '.join(sorted(clash))} (the gradient sees the output as y and the "
+                    "upstream gradient as dy)",
+                    field=f"{where}.params",
+                )
+            gradient, gradient_text = {}, {}
+            for pname, gtext in raw_gradient.items():
+                gwhere = f"{where}.gradient.{pname}"
+                if pname not in params:
+                    raise InvalidRequest(f"{gwhere}: {pname!r} is not a parameter of {fname}()", field=gwhere)
+                if not isinstance(gtext, str):
+                    raise InvalidRequest(f"{gwhere} must be a string", field=gwhere)
+                sources[gwhere] = gtext
+                gradient_text[pname] = gtext
+                gradient[pname] = parse_expression(gtext, limits, gwhere)
+                size += checker.check(gradient[pname], gwhere, frozenset(params) | _RESERVED, defs, sizes, later)
+        sizes[fname] = size
+        if size > limits.max_syntax_nodes:
+            raise _too_many_nodes(size, limits, where)
+        doc = spec.get("doc") or ""
+        defs[fname] = FunctionDef(fname, params, body, body_text, gradient, gradient_text, str(doc))
+
+    tree = parse_expression(expression, limits, "expression")
+    count = checker.check(tree, "expression", frozenset(inputs), defs, sizes, {})
+    if count > limits.max_syntax_nodes:
+        raise _too_many_nodes(count, limits, "expression")
+    return Program(tree, expression, defs, tuple(variables), tuple(constants), count, sources)
+
+
+def _too_many_nodes(count: int, limits: Limits, where: str) -> LimitExceeded:
+    return LimitExceeded(
+        f"{where} has {count} syntax nodes with user functions inlined; at most "
+        f"{limits.max_syntax_nodes} are allowed (functions calling functions several times "
+        "grow exponentially)",
+        limit="max_syntax_nodes",
+        allowed=limits.max_syntax_nodes,
+        source=where,
+    )
