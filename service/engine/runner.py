@@ -102,13 +102,20 @@ def run(job: GradientJob, limits: Limits | None = None) -> GradientResult:
         outputs = program.fn(*args)
         arrays = {k: v.numpy() for k, v in outputs.items()}
     except tf.errors.InvalidArgumentError as exc:
-        message = (exc.message or str(exc)).strip().splitlines()[0][:300]
-        raise EvaluationError(f"the computation failed for these values: {message}") from None
+        raise EvaluationError(f"the computation failed for these values: {_runtime_message(exc)}") from None
     compute_ms = (time.perf_counter() - start) * 1000.0
     result = _unflatten(arrays, (list(job.wrt) if job.wrt else list(job.variables) or [None])[0])
     result.cache = cache
     result.compute_ms = compute_ms
     return result
+
+
+def _runtime_message(exc: tf.errors.OpError) -> str:
+    """The op's own complaint from a graph execution error, without TF's construction traceback."""
+    noise = ("File ", "Graph execution error", "Detected at node", "[[", "Traceback")
+    lines = [ln.strip() for ln in (exc.message or str(exc)).splitlines()]
+    useful = [ln for ln in lines if ln and not ln.startswith(noise)]
+    return (useful[-1] if useful else "invalid values")[:300]
 
 
 def _unflatten(arrays: dict[str, np.ndarray], variable: str | None) -> GradientResult:

@@ -192,6 +192,8 @@ class _Parser:
         if self.at(text):
             return self.advance()
         found = self.peek()
+        if found.kind == "name" and found.text in _PY_KEYWORDS:
+            raise self.error(f"the keyword {found.text!r} is not part of the expression language", found)
         what = "end of expression" if found.kind == "end" else repr(found.text)
         message = f"expected {text!r}, found {what}"
         if opener is not None:
@@ -215,6 +217,7 @@ class _Parser:
     def parse(self) -> Node:
         if self.peek().kind == "end":
             raise self.error("the expression is empty")
+        self.depth = -1  # the whole expression is level 0; each nested one adds a level
         node = self.expr()
         tok = self.peek()
         if tok.kind != "end":
@@ -286,29 +289,37 @@ class _Parser:
 
     def postfix(self) -> Node:
         node = self.atom()
-        while True:
-            if self.at("["):
-                opener = self.advance()
-                self.enter(opener)
-                items = [self.index_item()]
-                while self.at(","):
-                    self.advance()
-                    if self.at("]"):
-                        break
-                    items.append(self.index_item())
-                close = self.expect("]", opener)
-                self.leave()
-                node = Subscript(node, tuple(items), self._join(node.span, self._span(close.start, close.end)))
-            elif self.at("."):
-                dot = self.advance()
-                attr = self.peek()
-                name = attr.text if attr.kind == "name" else ""
-                hint = f": write {name}(...) instead of x.{name}(...)" if name else ""
-                raise self.error(f"attribute access is not allowed{hint}", dot)
-            elif self.at("("):
-                raise self.error("only a function name can be called, e.g. sum(x)")
-            else:
-                return node
+        entered = 0  # x[0][0]... nests the tree one level per further subscript
+        try:
+            while True:
+                if self.at("["):
+                    opener = self.advance()
+                    if isinstance(node, Subscript):
+                        self.enter(opener)
+                        entered += 1
+                    items = [self.index_item()]
+                    while self.at(","):
+                        self.advance()
+                        if self.at("]"):
+                            break
+                        items.append(self.index_item())
+                    close = self.expect("]", opener)
+                    node = Subscript(node, tuple(items), self._join(node.span, self._span(close.start, close.end)))
+                else:
+                    self._no_attribute_or_call()
+                    return node
+        finally:
+            self.depth -= entered
+
+    def _no_attribute_or_call(self) -> None:
+        if self.at("."):
+            dot = self.advance()
+            attr = self.peek()
+            name = attr.text if attr.kind == "name" else ""
+            hint = f": write {name}(...) instead of x.{name}(...)" if name else ""
+            raise self.error(f"attribute access is not allowed{hint}", dot)
+        if self.at("("):
+            raise self.error("only a function name can be called, e.g. sum(x)")
 
     def index_item(self) -> Node | Slice:
         start = self.peek()
@@ -358,8 +369,8 @@ class _Parser:
             raise self.error(f"the keyword {tok.text!r} is not part of the expression language", tok)
         if not self.at("("):
             return Name(tok.text, span)
-        opener = self.advance()
-        self.enter(opener)
+        self.advance()
+        opener = self.tokens[self.pos - 1]
         args: list[Node] = []
         keywords: list[Keyword] = []
         while not self.at(")"):
@@ -379,13 +390,11 @@ class _Parser:
                 break
             self.advance()
         close = self.expect(")", opener)
-        self.leave()
         return Call(tok.text, tuple(args), tuple(keywords), self._span(tok.start, close.end), span)
 
     def group(self) -> Node:
         opener = self.advance()
         closer = ")" if opener.text == "(" else "]"
-        self.enter(opener)
         items: list[Node] = []
         trailing_comma = False
         while not self.at(closer):
@@ -396,7 +405,6 @@ class _Parser:
             self.advance()
             trailing_comma = True
         close = self.expect(closer, opener)
-        self.leave()
         span = self._span(opener.start, close.end)
         if opener.text == "(" and len(items) == 1 and not trailing_comma:
             return items[0]
