@@ -77,9 +77,7 @@ class TapeserveError(Exception):
     def from_dict(data: dict[str, Any]) -> TapeserveError:
         """Rebuild an error sent across a process boundary as ``to_dict()``."""
         cls = _BY_CODE_STATUS.get((data.get("code", ""), data.get("status", 500)), TapeserveError)
-        extra = {
-            k: v for k, v in data.items() if k not in {"type", "title", "status", "code", "detail"}
-        }
+        extra = {k: v for k, v in data.items() if k not in {"type", "title", "status", "code", "detail"}}
         return cls(str(data.get("detail", "")), **extra)
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -35,6 +35,7 @@ class GradientJob:
 
     def signature(self) -> str:
         """What the compiled program depends on: text, shapes, dtypes and the derivative set."""
+
         def shapes(arrays: dict[str, np.ndarray]) -> str:
             return ",".join(f"{k}{list(v.shape)}" for k, v in arrays.items())
 

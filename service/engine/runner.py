@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult
 from service.errors import (
     EvaluationError,
     InvalidRequest,
@@ -24,7 +25,6 @@ from service.errors import (
     ShapeError,
     TapeserveError,
 )
-from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult
 from service.expr.compiler import Compiler
 from service.expr.program import Program, build_program
 from service.limits import Limits
@@ -74,7 +74,12 @@ _CACHE = _ProgramCache(int(os.environ.get("TAPESERVE_CACHE_SIZE", "256")))
 
 
 def cache_info() -> dict[str, int]:
-    return {"size": len(_CACHE.entries), "capacity": _CACHE.size, "hits": _CACHE.hits, "misses": _CACHE.misses}
+    return {
+        "size": len(_CACHE.entries),
+        "capacity": _CACHE.size,
+        "hits": _CACHE.hits,
+        "misses": _CACHE.misses,
+    }
 
 
 def run(job: GradientJob, limits: Limits | None = None) -> GradientResult:
@@ -104,7 +109,8 @@ def run(job: GradientJob, limits: Limits | None = None) -> GradientResult:
     except tf.errors.InvalidArgumentError as exc:
         raise EvaluationError(f"the computation failed for these values: {_runtime_message(exc)}") from None
     compute_ms = (time.perf_counter() - start) * 1000.0
-    result = _unflatten(arrays, (list(job.wrt) if job.wrt else list(job.variables) or [None])[0])
+    wrt = list(job.wrt) if job.wrt else list(job.variables)
+    result = _unflatten(arrays, wrt[0] if wrt else None)
     result.cache = cache
     result.compute_ms = compute_ms
     return result
@@ -163,8 +169,10 @@ def _validate(job: GradientJob, limits: Limits) -> tuple[list[str], set[str]]:
     if derivatives & {"hvp", "jvp"}:
         for name in wrt:
             if name not in job.tangents:
-                raise InvalidRequest(f"hvp and jvp need a tangent for every wrt variable; missing {name!r}",
-                                     field=f"tangents.{name}")
+                raise InvalidRequest(
+                    f"hvp and jvp need a tangent for every wrt variable; missing {name!r}",
+                    field=f"tangents.{name}",
+                )
             if job.tangents[name].shape != job.variables[name].shape:
                 raise ShapeError(
                     f"tangent for {name!r} has shape {list(job.tangents[name].shape)}, the variable has "
@@ -185,10 +193,14 @@ def _validate(job: GradientJob, limits: Limits) -> tuple[list[str], set[str]]:
         sizes = {name: (v.shape[0] if v.ndim else None) for name, v in job.variables.items()}
         if any(s is None for s in sizes.values()):
             scalar = next(k for k, s in sizes.items() if s is None)
-            raise ShapeError(f"batch is true but variable {scalar!r} is a scalar; it needs a leading batch axis",
-                             field=f"variables.{scalar}")
+            raise ShapeError(
+                f"batch is true but variable {scalar!r} is a scalar; it needs a leading batch axis",
+                field=f"variables.{scalar}",
+            )
         if len(set(sizes.values())) > 1:
-            raise ShapeError(f"batch is true but the variables' leading axes differ: {sizes}", field="variables")
+            raise ShapeError(
+                f"batch is true but the variables' leading axes differ: {sizes}", field="variables"
+            )
         if not job.variables:
             raise InvalidRequest("batch needs at least one variable", field="variables")
     return wrt, derivatives
@@ -223,13 +235,39 @@ def _compile(job: GradientJob, limits: Limits) -> TapeProgram:
         tangents = list(tensors[nv + nc : nv + nc + nt])
         cotangent = tensors[-1] if use_cot else None
         if not job.batch:
-            return _tape_program(program, job, limits, wrt, derivatives, dtype,
-                                 variables, constants, tangents, cotangent, var_names, const_names, batch)
+            return _tape_program(
+                program,
+                job,
+                limits,
+                wrt,
+                derivatives,
+                dtype,
+                variables,
+                constants,
+                tangents,
+                cotangent,
+                var_names,
+                const_names,
+                batch,
+            )
 
         def point(elems: tuple[list[Any], list[Any], Any]) -> dict[str, Any]:
             pv, pt, pc = elems
-            return _tape_program(program, job, limits, wrt, derivatives, dtype,
-                                 pv, constants, pt, pc, var_names, const_names, batch)
+            return _tape_program(
+                program,
+                job,
+                limits,
+                wrt,
+                derivatives,
+                dtype,
+                pv,
+                constants,
+                pt,
+                pc,
+                var_names,
+                const_names,
+                batch,
+            )
 
         cot_elems = cotangent if cotangent is not None else tf.zeros([batch], dtype)
         return tf.vectorized_map(point, (variables, tangents, cot_elems), fallback_to_while_loop=True)  # type: ignore[no-any-return]
@@ -252,7 +290,8 @@ def _compile(job: GradientJob, limits: Limits) -> TapeProgram:
 def _check_size(count: int, batch: int, limits: Limits, what: str) -> None:
     if count * batch > limits.max_tensor_elements:
         raise LimitExceeded(
-            f"the {what} would have {count * batch} elements; at most {limits.max_tensor_elements} are allowed",
+            f"the {what} would have {count * batch} elements; "
+            f"at most {limits.max_tensor_elements} are allowed",
             limit="max_tensor_elements",
             allowed=limits.max_tensor_elements,
         )

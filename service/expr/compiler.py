@@ -7,6 +7,7 @@ checked against the element limit as it is built, before anything runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import tensorflow as tf
@@ -102,7 +103,10 @@ class Compiler:
         except TapeserveError as exc:
             if isinstance(exc, LimitExceeded) and "line" not in exc.extra:
                 raise LimitExceeded(
-                    exc.detail, limit=exc.extra["limit"], allowed=exc.extra["allowed"], **self._where(node.span)
+                    exc.detail,
+                    limit=exc.extra["limit"],
+                    allowed=exc.extra["allowed"],
+                    **self._where(node.span),
                 ) from None
             raise
         except (ValueError, tf.errors.InvalidArgumentError) as exc:
@@ -184,15 +188,16 @@ class Compiler:
                 result = None
                 for op, lhs, rhs in zip(ops, values, values[1:], strict=False):
                     pair = self._numeric_pair(lhs, rhs, node)
-                    cmp = self._checked(node, lambda op=op, pair=pair: _COMPARE[op](*pair))
-                    result = cmp if result is None else self._checked(node, lambda r=result, c=cmp: tf.logical_and(r, c))
+                    cmp = self._checked(node, partial(_COMPARE[op], *pair))
+                    both = None if result is None else partial(tf.logical_and, result, cmp)
+                    result = cmp if both is None else self._checked(node, both)
                 return result
             case n.BoolOp(op=op, operands=operands):
                 combine = tf.logical_and if op == "and" else tf.logical_or
                 acc = self._bool(self.compile(operands[0], env))
                 for operand in operands[1:]:
                     rhs = self._bool(self.compile(operand, env))
-                    acc = self._checked(node, lambda a=acc, b=rhs: combine(a, b))
+                    acc = self._checked(node, partial(combine, acc, rhs))
                 return acc
             case n.IfExp(body=body, test=test, orelse=orelse):
                 cond = self._bool(self.compile(test, env))
@@ -225,7 +230,7 @@ class Compiler:
                 return self._checked(node, lambda: tf.square(base))
             out = base
             for _ in range(k - 1):
-                out = self._checked(node, lambda o=out: o * base)
+                out = self._checked(node, partial(tf.multiply, out, base))
             return out
         exponent = self._float(self.compile(exp_node, env), exp_node)
         base, exponent = self._numeric_pair(base, exponent, node)
@@ -256,7 +261,9 @@ class Compiler:
                     raise InvalidArgument("slice step cannot be zero", **self._where(item.span))
                 key.append(slice(*parts))
             else:
-                if not (isinstance(item, n.Num) or isinstance(item, n.Unary) and isinstance(item.operand, n.Num)):
+                if not (
+                    isinstance(item, n.Num) or isinstance(item, n.Unary) and isinstance(item.operand, n.Num)
+                ):
                     raise InvalidArgument(
                         "an index must be an integer literal, a slice of integer literals, None or '...'; "
                         "use take(x, indices, axis) or gather(...) for computed indices",
@@ -332,7 +339,9 @@ class Compiler:
             saved = self._source
             self._source = source
             try:
-                return self._float(self.compile(fdef.body, dict(zip(fdef.params, args, strict=True))), fdef.body)
+                return self._float(
+                    self.compile(fdef.body, dict(zip(fdef.params, args, strict=True))), fdef.body
+                )
             finally:
                 self._source = saved
 
@@ -358,7 +367,10 @@ class Compiler:
                             tape.watch(watched)
                             y2 = body(*xs)
                         grads = tape.gradient(
-                            y2, watched, output_gradients=dy, unconnected_gradients=tf.UnconnectedGradients.ZERO
+                            y2,
+                            watched,
+                            output_gradients=dy,
+                            unconnected_gradients=tf.UnconnectedGradients.ZERO,
                         )
                         auto = dict(zip(missing, grads, strict=True))
                     out = []
@@ -406,4 +418,3 @@ class Compiler:
                     **self._where(node.span),
                 )
         return tf.reshape(tf.reduce_sum(g, axis=axes), x.shape) if axes else tf.broadcast_to(g, x.shape)
-

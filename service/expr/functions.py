@@ -45,7 +45,7 @@ class Context(Protocol):
     tf: Any
     dtype: Any
 
-    def check_elements(self, count: int, what: str) -> None: ...
+    def check_elements(self, count: float, what: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +145,12 @@ _add("elementwise", "where", ["condition", "a", "b"], "a where condition holds, 
 )
 
 
-@_add("elementwise", "cast", ["x", Param("dtype", DTYPE)], 'x converted to "float32", "float64", "int32" or "bool".')
+@_add(
+    "elementwise",
+    "cast",
+    ["x", Param("dtype", DTYPE)],
+    'x converted to "float32", "float64", "int32" or "bool".',
+)
 def _cast(c: Context, x: Any, dtype: str) -> Any:
     return c.tf.cast(x, getattr(c.tf, dtype))
 
@@ -177,7 +182,7 @@ _reduction("std", "Population standard deviation (ddof=0) over axis.", "reduce_s
 
 
 @_add("reduction", "norm", ["x", Param("ord", ORD, None), _AXIS, _KEEP],
-      'Entrywise norm over axis (all axes by default): ord None/2/"fro" Euclidean, 1 sum |x|, inf max |x|.')  # fmt: skip
+      'Entrywise norm over axis: ord None/2/"fro" Euclidean, 1 sum |x|, inf max |x|.')  # fmt: skip
 def _norm(c: Context, x: Any, ord: Any, axis: Any, keepdims: bool) -> Any:
     tf = c.tf
     if ord == 1:
@@ -196,17 +201,25 @@ def _cumulative(tf_name: str) -> Callable[..., Any]:
     return rule
 
 
-_add("reduction", "cumsum", ["x", Param("axis", INT, None)], "Running sum along axis (flattened by default).")(
-    _cumulative("cumsum")
-)
-_add("reduction", "cumprod", ["x", Param("axis", INT, None)], "Running product along axis (flattened by default).")(
-    _cumulative("cumprod")
-)
+_add(
+    "reduction", "cumsum", ["x", Param("axis", INT, None)], "Running sum along axis (flattened by default)."
+)(_cumulative("cumsum"))
+_add(
+    "reduction",
+    "cumprod",
+    ["x", Param("axis", INT, None)],
+    "Running product along axis (flattened by default).",
+)(_cumulative("cumprod"))
 
 # -- linear algebra ------------------------------------------------------------------------------
 
 
-@_add("linalg", "matmul", ["a", "b"], "Matrix product with numpy's rules for 1-D operands and batch broadcasting.")
+@_add(
+    "linalg",
+    "matmul",
+    ["a", "b"],
+    "Matrix product with numpy's rules for 1-D operands and batch broadcasting.",
+)
 def _matmul(c: Context, a: Any, b: Any) -> Any:
     tf = c.tf
     ra, rb = len(a.shape), len(b.shape)
@@ -221,7 +234,12 @@ def _matmul(c: Context, a: Any, b: Any) -> Any:
     return tf.linalg.matmul(a, b)
 
 
-@_add("linalg", "dot", ["a", "b"], "numpy dot: inner product of vectors, matrix product, or sum over a's last axis.")
+@_add(
+    "linalg",
+    "dot",
+    ["a", "b"],
+    "numpy dot: inner product of vectors, matrix product, or sum over a's last axis.",
+)
 def _dot(c: Context, a: Any, b: Any) -> Any:
     tf = c.tf
     ra, rb = len(a.shape), len(b.shape)
@@ -295,12 +313,19 @@ def _reshape(c: Context, x: Any, shape: tuple[int, ...]) -> Any:
     return c.tf.reshape(x, list(shape))
 
 
-@_add("shape", "concatenate", [Param("arrays", TENSORS), Param("axis", INT, 0)], "Join [a, b, ...] along an axis.")
+@_add(
+    "shape",
+    "concatenate",
+    [Param("arrays", TENSORS), Param("axis", INT, 0)],
+    "Join [a, b, ...] along an axis.",
+)
 def _concatenate(c: Context, arrays: list[Any], axis: int) -> Any:
     return c.tf.concat(arrays, axis=axis)
 
 
-@_add("shape", "stack", [Param("arrays", TENSORS), Param("axis", INT, 0)], "Stack [a, b, ...] along a new axis.")
+@_add(
+    "shape", "stack", [Param("arrays", TENSORS), Param("axis", INT, 0)], "Stack [a, b, ...] along a new axis."
+)
 def _stack(c: Context, arrays: list[Any], axis: int) -> Any:
     return c.tf.stack(arrays, axis=axis)
 
@@ -338,14 +363,21 @@ def _indices(c: Context, indices: Any) -> Any:
     return c.tf.cast(indices, c.tf.int32)
 
 
-@_add("shape", "take", ["x", "indices", Param("axis", INT, None)], "Elements at integer indices (flattened x by default).")
+@_add(
+    "shape",
+    "take",
+    ["x", "indices", Param("axis", INT, None)],
+    "Elements at integer indices (flattened x by default).",
+)
 def _take(c: Context, x: Any, indices: Any, axis: int | None) -> Any:
     if axis is None:
         x, axis = c.tf.reshape(x, [-1]), 0
     return c.tf.gather(x, _indices(c, indices), axis=axis)
 
 
-@_add("shape", "gather", ["x", "indices", Param("axis", INT, 0)], "Slices of x at integer indices along axis.")
+@_add(
+    "shape", "gather", ["x", "indices", Param("axis", INT, 0)], "Slices of x at integer indices along axis."
+)
 def _gather(c: Context, x: Any, indices: Any, axis: int) -> Any:
     return c.tf.gather(x, _indices(c, indices), axis=axis)
 
@@ -401,7 +433,9 @@ _add("shape", "tril", ["x", Param("k", INT, 0)], "Lower triangle (elements above
 )
 
 
-@_add("shape", "one_hot", ["indices", Param("depth", INT)], "One-hot rows of length depth for integer indices.")
+@_add(
+    "shape", "one_hot", ["indices", Param("depth", INT)], "One-hot rows of length depth for integer indices."
+)
 def _one_hot(c: Context, indices: Any, depth: int) -> Any:
     c.check_elements(math.prod(int(d) for d in indices.shape) * depth, "one_hot")
     return c.tf.one_hot(_indices(c, indices), depth, dtype=c.dtype)
@@ -420,7 +454,12 @@ _add("gradient", "stop_gradient", ["x"], "x, but no gradient flows back through 
 )
 
 
-@_add("gradient", "clip_gradient", ["x", "lo", "hi"], "x forward; the gradient flowing back through it is clipped to [lo, hi].")
+@_add(
+    "gradient",
+    "clip_gradient",
+    ["x", "lo", "hi"],
+    "x forward; the gradient flowing back through it is clipped to [lo, hi].",
+)
 def _clip_gradient(c: Context, x: Any, lo: Any, hi: Any) -> Any:
     tf = c.tf
 

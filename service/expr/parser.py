@@ -199,8 +199,7 @@ class _Parser:
         if opener is not None:
             line, column = self._line_col(opener.start)
             message = (
-                f"expected {text!r} to close {opener.text!r} from line {line}, column {column}, "
-                f"found {what}"
+                f"expected {text!r} to close {opener.text!r} from line {line}, column {column}, found {what}"
             )
         raise self.error(message, found)
 
@@ -304,7 +303,9 @@ class _Parser:
                             break
                         items.append(self.index_item())
                     close = self.expect("]", opener)
-                    node = Subscript(node, tuple(items), self._join(node.span, self._span(close.start, close.end)))
+                    node = Subscript(
+                        node, tuple(items), self._join(node.span, self._span(close.start, close.end))
+                    )
                 else:
                     self._no_attribute_or_call()
                     return node

@@ -249,19 +249,19 @@ def _static(node: n.Node, kind: str, what: str, text: str | None, source: str) -
     if kind == NUMBER:
         if isinstance(node, n.NoneLit):
             return None
-        value = number(node)
-        if value is None:
+        literal = number(node)
+        if literal is None:
             raise fail("a numeric literal")
-        return value
+        return literal
     if kind == ORD:
         if isinstance(node, n.NoneLit):
             return None
         if isinstance(node, n.Str) and node.value == "fro":
             return "fro"
-        value = number(node)
-        if value not in (1, 2, math.inf):
+        order = number(node)
+        if order not in (1, 2, math.inf):
             raise fail('None, 1, 2, inf or "fro"')
-        return value
+        return order
     if kind == BOOL:
         if not isinstance(node, n.Bool):
             raise fail("True or False")
@@ -378,7 +378,9 @@ def build_program(
                     field=f"{field_name}.{name}",
                 )
             if name.startswith("__"):
-                raise InvalidRequest(f"{kind} name {name!r}: names may not start with '__'", field=f"{field_name}.{name}")
+                raise InvalidRequest(
+                    f"{kind} name {name!r}: names may not start with '__'", field=f"{field_name}.{name}"
+                )
             if name in BUILTINS or name in CONSTANTS:
                 what = "built-in function" if name in BUILTINS else "constant"
                 raise InvalidRequest(
@@ -423,7 +425,9 @@ def build_program(
         raw_gradient = spec.get("gradient")
         if raw_gradient is not None:
             if not isinstance(raw_gradient, Mapping):
-                raise InvalidRequest(f"{where}.gradient must map parameter names to expressions", field=f"{where}.gradient")
+                raise InvalidRequest(
+                    f"{where}.gradient must map parameter names to expressions", field=f"{where}.gradient"
+                )
             clash = _RESERVED & set(params)
             if clash:
                 raise InvalidRequest(
@@ -442,7 +446,9 @@ def build_program(
                 sources[gwhere] = gtext
                 gradient_text[pname] = gtext
                 gradient[pname] = parse_expression(gtext, limits, gwhere)
-                size += checker.check(gradient[pname], gwhere, frozenset(params) | _RESERVED, defs, sizes, later)
+                size += checker.check(
+                    gradient[pname], gwhere, frozenset(params) | _RESERVED, defs, sizes, later
+                )
         sizes[fname] = size
         if size > limits.max_syntax_nodes:
             raise _too_many_nodes(size, limits, where)

@@ -44,15 +44,21 @@ def rosen_hess(x: np.ndarray) -> np.ndarray:
 
 
 def test_the_guides_first_and_second_derivative_of_x_squared() -> None:
-    result = execute(GradientJob("x**2", {"x": np.array(3.0, np.float32)}, derivatives=("gradient", "hessian")))
+    result = execute(
+        GradientJob("x**2", {"x": np.array(3.0, np.float32)}, derivatives=("gradient", "hessian"))
+    )
     assert result.value == 9.0
     assert result.gradient == {"x": 6.0}
     assert result.hessian == {"x": {"x": 2.0}}
 
 
 def test_the_guides_custom_relu() -> None:
-    functions = {"custom_relu": {"params": ["x"], "body": "maximum(0.0, x)", "gradient": {"x": "dy * (x > 0)"}}}
-    result = execute(GradientJob("custom_relu(x)", {"x": np.array([-2.0, 0.0, 2.0], np.float32)}, functions=functions))
+    functions = {
+        "custom_relu": {"params": ["x"], "body": "maximum(0.0, x)", "gradient": {"x": "dy * (x > 0)"}}
+    }
+    result = execute(
+        GradientJob("custom_relu(x)", {"x": np.array([-2.0, 0.0, 2.0], np.float32)}, functions=functions)
+    )
     np.testing.assert_array_equal(result.value, [0.0, 0.0, 2.0])
     assert result.gradient is not None
     np.testing.assert_array_equal(result.gradient["x"], [0.0, 0.0, 1.0])
@@ -71,8 +77,13 @@ def test_every_derivative_comes_from_one_program_and_is_consistent() -> None:
     rng = np.random.default_rng(1)
     x, v, u = rng.normal(size=10), rng.normal(size=10), rng.normal()
     result = execute(
-        job(ROSEN, variables={"x": x}, derivatives=("gradient", "jacobian", "hessian", "hvp", "jvp", "vjp"),
-            tangents={"x": v}, cotangent=np.array(u))
+        job(
+            ROSEN,
+            variables={"x": x},
+            derivatives=("gradient", "jacobian", "hessian", "hvp", "jvp", "vjp"),
+            tangents={"x": v},
+            cotangent=np.array(u),
+        )
     )
     assert result.hvp is not None and result.vjp is not None and result.jacobian is not None
     np.testing.assert_allclose(result.hvp["x"], rosen_hess(x) @ v, rtol=1e-10)
@@ -143,7 +154,9 @@ def test_order_derivative_tensor_of_a_vector_variable() -> None:
 
 def test_batch_gives_f_f1_f2_on_a_grid_in_one_call() -> None:
     grid = np.linspace(-3, 3, 1000)
-    result = execute(job("x * sin(x)", variables={"x": grid}, derivatives=("gradient", "hessian"), batch=True))
+    result = execute(
+        job("x * sin(x)", variables={"x": grid}, derivatives=("gradient", "hessian"), batch=True)
+    )
     assert result.gradient is not None and result.hessian is not None
     np.testing.assert_allclose(result.value, grid * np.sin(grid), rtol=1e-12)
     np.testing.assert_allclose(result.gradient["x"], np.sin(grid) + grid * np.cos(grid), atol=1e-12)
@@ -153,8 +166,14 @@ def test_batch_gives_f_f1_f2_on_a_grid_in_one_call() -> None:
 def test_batch_of_vector_points_with_shared_constants() -> None:
     pts = np.random.default_rng(2).normal(size=(5, 3))
     w = np.array([1.0, -2.0, 0.5])
-    j = GradientJob("sum(w * x**2)", {"x": pts}, constants={"w": w}, derivatives=("gradient", "hessian"),
-                    batch=True, dtype="float64")
+    j = GradientJob(
+        "sum(w * x**2)",
+        {"x": pts},
+        constants={"w": w},
+        derivatives=("gradient", "hessian"),
+        batch=True,
+        dtype="float64",
+    )
     result = execute(j)
     assert result.gradient is not None and result.hessian is not None
     np.testing.assert_allclose(result.gradient["x"], 2 * w * pts)
@@ -168,7 +187,9 @@ def test_float32_is_the_default_and_float64_is_honoured() -> None:
 
 def test_second_order_through_a_custom_gradient() -> None:
     functions = {"cube": {"params": ["x"], "body": "x**3", "gradient": {"x": "dy * 3 * x**2"}}}
-    result = execute(job("cube(x)", variables={"x": 2.0}, functions=functions, derivatives=("gradient", "hessian")))
+    result = execute(
+        job("cube(x)", variables={"x": 2.0}, functions=functions, derivatives=("gradient", "hessian"))
+    )
     assert result.gradient == {"x": 12.0} and result.hessian == {"x": {"x": 12.0}}
 
 
@@ -208,8 +229,10 @@ def test_shape_creating_functions_obey_the_limit() -> None:
 
 def test_derivative_sizes_obey_the_limit() -> None:
     with pytest.raises(LimitExceeded) as info:
-        execute(job("sum(x**2)", variables={"x": np.zeros(5000)}, derivatives=("hessian",)),
-                Limits(max_tensor_elements=1_000_000))
+        execute(
+            job("sum(x**2)", variables={"x": np.zeros(5000)}, derivatives=("hessian",)),
+            Limits(max_tensor_elements=1_000_000),
+        )
     assert "hessian" in info.value.detail
 
 

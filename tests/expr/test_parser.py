@@ -49,7 +49,11 @@ def show(node: n.Node | n.Slice | n.Keyword | None) -> str:
         case n.IfExp(body=b, test=t, orelse=o):
             return f"({show(b)} if {show(t)} else {show(o)})"
         case n.Call(func=f, args=args, keywords=kws):
-            return f"{f}(" + ", ".join([show(a) for a in args] + [f"{k.name}={show(k.value)}" for k in kws]) + ")"
+            return (
+                f"{f}("
+                + ", ".join([show(a) for a in args] + [f"{k.name}={show(k.value)}" for k in kws])
+                + ")"
+            )
         case n.Subscript(value=v, index=index):
             return f"{show(v)}[" + ", ".join(show(i) for i in index) + "]"
         case n.Slice(lower=lo, upper=hi, step=st):
@@ -81,8 +85,10 @@ def show(node: n.Node | n.Slice | n.Keyword | None) -> str:
         ("1.5e-3 + .5 + 2.", "(0.0015 + 0.5 + 2.0)"),
         ("(x)", "x"),
         ("sum(\n  x # comment\n)", "sum(x)"),
-        ("sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)",
-         "sum(((100 * ((x[1:] - (x[:(-1)] ** 2)) ** 2)) + ((1 - x[:(-1)]) ** 2)))"),
+        (
+            "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)",
+            "sum(((100 * ((x[1:] - (x[:(-1)] ** 2)) ** 2)) + ((1 - x[:(-1)]) ** 2)))",
+        ),
     ],
 )
 def test_grammar_builds_the_expected_tree(text: str, tree: str) -> None:
@@ -139,7 +145,7 @@ def test_errors_say_what_and_where(text: str, message: str, line: int, column: i
     # The snippet shows the offending line with a caret under the offending column.
     code_line, caret_line = problem["snippet"].split("\n")
     assert caret_line.index("^") == column - 1
-    assert text.splitlines()[line - 1 if text else 0:][:1] == [code_line] or text == ""
+    assert text.splitlines()[line - 1 if text else 0 :][:1] == [code_line] or text == ""
 
 
 @pytest.mark.parametrize(

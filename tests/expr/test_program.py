@@ -39,7 +39,9 @@ def test_the_rosenbrock_program_checks() -> None:
         ("getattr(x, 'y')", "getattr", None),
     ],
 )
-def test_unknown_names_are_located_with_suggestions(expression: str, name: str, suggestion: str | None) -> None:
+def test_unknown_names_are_located_with_suggestions(
+    expression: str, name: str, suggestion: str | None
+) -> None:
     body = problem(UnknownName, expression, variables=["x", "y"])
     assert body["code"] == "unknown_name"
     assert body["name"] == name
@@ -61,7 +63,7 @@ def test_unknown_names_are_located_with_suggestions(expression: str, name: str, 
         ("concatenate(x)", "non-empty list"),
         ('cast(x, "complex64")', "one of"),
         ('einsum("ij;j", x, x)', "only letters"),
-        ("einsum(\"i\")", "at least one operand"),
+        ('einsum("i")', "at least one operand"),
         ("x + 'text'", "string is only allowed"),
         ("x + None", "None is only allowed inside an index"),
         ("eye(99999999999)", "at most 2147483647"),
@@ -104,11 +106,17 @@ def test_user_functions_and_custom_gradients_check() -> None:
     ("functions", "message", "source"),
     [
         ({"f": {"params": ["x"], "body": "f(x)"}}, "calls itself", "functions.f.body"),
-        ({"f": {"params": ["x"], "body": "g(x)"}, "g": {"params": ["x"], "body": "f(x)"}}, "comes later",
-         "functions.f.body"),
+        (
+            {"f": {"params": ["x"], "body": "g(x)"}, "g": {"params": ["x"], "body": "f(x)"}},
+            "comes later",
+            "functions.f.body",
+        ),
         ({"f": {"params": ["x"], "body": "x + q"}}, "unknown name 'q'", "functions.f.body"),
-        ({"f": {"params": ["x"], "body": "x", "gradient": {"x": "dy * z"}}}, "unknown name 'z'",
-         "functions.f.gradient.x"),
+        (
+            {"f": {"params": ["x"], "body": "x", "gradient": {"x": "dy * z"}}},
+            "unknown name 'z'",
+            "functions.f.gradient.x",
+        ),
         ({"f": {"params": ["x"], "body": "sin(x"}}, "expected ')'", "functions.f.body"),
     ],
 )
@@ -125,7 +133,9 @@ def test_function_call_arity_is_checked() -> None:
 
 
 def test_gradient_of_a_non_parameter_is_refused() -> None:
-    body = problem(InvalidRequest, "f(x)", functions={"f": {"params": ["a"], "body": "a", "gradient": {"b": "dy"}}})
+    body = problem(
+        InvalidRequest, "f(x)", functions={"f": {"params": ["a"], "body": "a", "gradient": {"b": "dy"}}}
+    )
     assert "not a parameter" in body["detail"]
 
 
