@@ -224,6 +224,10 @@ class Overloaded(TapeserveError):
     status = 503
     title = "Service overloaded"
 
+    def __init__(self, detail: str, *, retry_after: float = 1.0, **extra: Any) -> None:
+        super().__init__(detail, retry_after=retry_after, **extra)
+        self.retry_after = retry_after  # seconds; becomes the Retry-After header
+
 
 def _all_subclasses(cls: type[TapeserveError]) -> list[type[TapeserveError]]:
     out = [cls]

@@ -42,7 +42,7 @@ class GradientJob:
         return "|".join(
             [
                 self.expression,
-                repr(sorted((k, repr(v)) for k, v in self.functions.items())),
+                repr(list(self.functions.items())),
                 shapes(self.variables),
                 shapes(self.constants),
                 ",".join(sorted(self.derivatives)),

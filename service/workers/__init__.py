@@ -1,0 +1,8 @@
+"""The supervised process pool that runs engine jobs; TensorFlow is imported only inside its workers."""
+
+from __future__ import annotations
+
+from service.workers.config import PoolConfig, resolve_devices, visible_gpus
+from service.workers.pool import WorkerPool
+
+__all__ = ["PoolConfig", "WorkerPool", "resolve_devices", "visible_gpus"]

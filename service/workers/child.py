@@ -1,0 +1,208 @@
+"""The worker process: pin its device, import the handler (and TensorFlow) only here, serve one job at a time.
+
+Messages (tuples over ``transport``): parent -> child ("job", id, job) | ("stop",); child -> parent
+("ready", pid) | ("failed", why) | ("result", id, result, rss_mb) | ("error", id, problem, rss_mb).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, NoReturn
+
+from service.errors import TapeserveError
+from service.limits import Limits
+from service.workers import transport
+
+__all__ = ["WorkerSettings", "child_environment", "read_rss_mb", "worker_main"]
+
+log = logging.getLogger(__name__)
+
+# How often the child checks that its parent is still alive; bounds how long an orphan can outlive it.
+_PARENT_POLL_S = 0.5
+# Linux prctl option: deliver a signal to this process when the thread that spawned it exits.
+_PR_SET_PDEATHSIG = 1
+# Exit code of a child whose handler or warmup could not be loaded (the parent logs the reason).
+EXIT_STARTUP_FAILED = 3
+# Exit code of a child that noticed its parent is gone.
+EXIT_ORPHANED = 4
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What one child needs: plain data, pickled into the spawned process."""
+
+    worker_id: int
+    device: str
+    parent_pid: int
+    handler: str
+    warmup: str | None
+    limits: Limits
+    environment: dict[str, str]
+    gpu_memory_limit_mb: int | None
+
+
+def child_environment(
+    device: str,
+    *,
+    intra_op_threads: int,
+    inter_op_threads: int,
+    cache_size: int,
+    gpu_memory_limit_mb: int | None,
+) -> dict[str, str]:
+    """Variables TensorFlow reads at import: they must be set before the handler module is imported."""
+    env = {
+        "TF_CPP_MIN_LOG_LEVEL": "2",  # keep TF's start-up chatter out of the service log
+        "TAPESERVE_CACHE_SIZE": str(cache_size),
+    }
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+        env["TF_NUM_INTRAOP_THREADS"] = str(intra_op_threads)
+        env["TF_NUM_INTEROP_THREADS"] = str(inter_op_threads)
+        env["OMP_NUM_THREADS"] = str(intra_op_threads)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = device
+        if gpu_memory_limit_mb is None:
+            # Without it TF grabs nearly all GPU memory, and two workers cannot share a GPU.
+            env["TF_FORCE_GPU_ALLOW_GROWTH"] = "true"
+    return env
+
+
+def read_rss_mb(pid: int | str = "self") -> float | None:
+    """Resident set size in MiB from /proc (None where there is no /proc or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def worker_main(conn: Connection, settings: WorkerSettings) -> None:
+    """Entry point of a spawned worker; never returns normally (os._exit skips TF's slow teardown)."""
+    os.environ.update(settings.environment)
+    # Ctrl-C reaches the whole process group; shutting down is the parent's decision, not ours.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(settings.parent_pid)
+
+    try:
+        handler = _load(settings.handler)
+        if settings.device != "cpu" and settings.gpu_memory_limit_mb is not None:
+            _limit_gpu_memory(settings.gpu_memory_limit_mb)
+        if settings.warmup is not None:
+            warmup = _load_optional(settings.warmup)
+            if warmup is not None:
+                warmup()
+    except BaseException as exc:  # anything, even SystemExit from a handler import, is a failed start
+        log.exception("worker %d could not start", settings.worker_id)
+        _send_quietly(conn, ("failed", f"{type(exc).__name__}: {exc}"))
+        _exit(EXIT_STARTUP_FAILED)
+
+    transport.send(conn, transport.encode(("ready", os.getpid())))
+    while True:
+        try:
+            message = transport.receive(conn)
+        except (EOFError, OSError):
+            _exit(EXIT_ORPHANED)  # the parent closed the pipe or died
+        if message[0] == "stop":
+            _exit(0)
+        _, job_id, job = message
+        reply = _run_one(handler, job_id, job, settings)
+        try:
+            transport.send(conn, reply)
+        except OSError:
+            _exit(EXIT_ORPHANED)
+
+
+def _run_one(
+    handler: Callable[..., Any], job_id: int, job: Any, settings: WorkerSettings
+) -> transport.Frames:
+    try:
+        reply: tuple[Any, ...] = ("result", job_id, handler(job, settings.limits))
+    except TapeserveError as exc:
+        reply = ("error", job_id, exc.to_dict())
+    except Exception:
+        # A bug, not the user's fault: the traceback goes to the log, never to the client.
+        log.exception("worker %d: handler raised", settings.worker_id)
+        reply = ("error", job_id, TapeserveError("internal error while computing").to_dict())
+    try:
+        return transport.encode((*reply, read_rss_mb()))
+    except Exception:
+        log.exception("worker %d: result could not be serialized", settings.worker_id)
+        problem = TapeserveError("internal error: result could not be serialized").to_dict()
+        return transport.encode(("error", job_id, problem, read_rss_mb()))
+
+
+def _load(target: str) -> Callable[..., Any]:
+    module_name, _, function = target.partition(":")
+    fn = getattr(importlib.import_module(module_name), function)
+    if not callable(fn):
+        raise TypeError(f"{target} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def _load_optional(target: str) -> Callable[..., Any] | None:
+    """Like ``_load``, but None if the module itself does not exist (yet); its import errors still raise."""
+    module_name = target.partition(":")[0]
+    try:
+        return _load(target)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            return None
+        raise
+
+
+def _limit_gpu_memory(limit_mb: int) -> None:
+    import tensorflow as tf  # the child only; CUDA_VISIBLE_DEVICES is already set
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.set_logical_device_configuration(
+            gpu, [tf.config.LogicalDeviceConfiguration(memory_limit=limit_mb)]
+        )
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Two independent guards, so no worker outlives the API process, however it dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the polling thread below still covers it
+    if os.getppid() != parent_pid:
+        _exit(EXIT_ORPHANED)  # the parent died before prctl took effect
+
+    def watch() -> None:
+        while True:
+            time.sleep(_PARENT_POLL_S)
+            if os.getppid() != parent_pid:
+                _exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _send_quietly(conn: Connection, message: tuple[Any, ...]) -> None:
+    try:
+        transport.send(conn, transport.encode(message))
+    except (OSError, ValueError):
+        pass
+
+
+def _exit(code: int) -> NoReturn:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(code)

@@ -1,0 +1,584 @@
+"""The supervised worker pool: spawned processes that run jobs one at a time, killed and replaced at will.
+
+Design: the asyncio loop owns all pool state. Each worker process has two daemon threads in the
+parent, one blocking on reads (its EOF is how a death is noticed) and one on writes (a wedged child
+can never block the loop); they hand everything to the loop with ``call_soon_threadsafe``. Jobs wait
+in one bounded FIFO queue; a free worker takes the head, and among several free workers the one that
+recently served the same affinity key (compile-cache signature) wins.
+
+What ``run`` raises, besides the handler's own TapeserveError rebuilt in the parent::
+
+    Timeout        504  deadline passed (queue wait included); a running worker is SIGKILLed and respawned
+    WorkerCrashed  503  the worker died under this job (segfault, abort, OOM kill) or shutdown cut it off
+    Overloaded     503  queue full, or the pool is shutting down; ``retry_after`` seconds attached
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from service.errors import Overloaded, TapeserveError, Timeout, WorkerCrashed
+from service.workers import transport
+from service.workers.child import WorkerSettings, child_environment, read_rss_mb, worker_main
+from service.workers.config import PoolConfig
+
+__all__ = ["RESTART_CAUSES", "WorkerPool"]
+
+log = logging.getLogger(__name__)
+
+RESTART_CAUSES = ("crash", "timeout", "memory", "recycle")
+
+# Told to clients in Retry-After: long enough for a queue slot or a respawn, short enough to feel live.
+RETRY_AFTER_S = 1
+# A stopped worker has this long to exit on its own before it is killed (it only has to leave its loop).
+_STOP_GRACE_S = 5.0
+# After its pipe closes a child is gone or about to be; past this it is SIGKILLed so the slot recovers.
+_EXIT_JOIN_S = 5.0
+# A worker that lived this long before crashing was healthy: its crash starts no crash loop.
+_HEALTHY_LIFETIME_S = 10.0
+# First respawn delay of a crash loop (the first crash respawns at once); doubles per further crash.
+_BACKOFF_BASE_S = 0.25
+# Backoff ceiling: a broken device is still retried often enough to recover without an operator.
+_BACKOFF_MAX_S = 10.0
+# close() checks for drained work this often; a shutdown does not need finer timing.
+_DRAIN_POLL_S = 0.02
+
+# Worker states, as status() reports them.
+STARTING, IDLE, BUSY, STOPPING, BACKOFF, STOPPED = (
+    "starting",
+    "idle",
+    "busy",
+    "stopping",
+    "backoff",
+    "stopped",
+)
+# Request states.
+_QUEUED, _RUNNING, _DONE = "queued", "running", "done"
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    frames: transport.Frames | None
+    affinity: int | None
+    timeout_s: float
+    future: asyncio.Future[Any]
+    state: str = _QUEUED
+    worker: _Worker | None = None
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Incarnation:
+    """One spawned process of a worker slot and the parent's two threads that talk to it."""
+
+    process: BaseProcess
+    conn: Connection
+    outbox: queue.SimpleQueue[transport.Frames | None] = field(default_factory=queue.SimpleQueue)
+    spawned_at: float = field(default_factory=time.monotonic)
+    ready: bool = False
+    jobs: int = 0
+    failure: str | None = None  # why it could not start, as the child reported it
+    stop_timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Worker:
+    """A slot: one device, served by successive processes (incarnations)."""
+
+    id: int
+    device: str
+    state: str = STARTING
+    incarnation: _Incarnation | None = None
+    current: _Request | None = None
+    jobs: int = 0
+    restarts: Counter[str] = field(default_factory=Counter)
+    last_exit: dict[str, Any] | None = None
+    # Hashes of affinity keys this process served recently: the programs it probably has cached.
+    recent: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    exit_cause: str | None = None  # set when the pool stops or kills it on purpose
+    quick_crashes: int = 0
+    last_assigned: float = 0.0
+    respawn_timer: asyncio.TimerHandle | None = None
+    rss_mb: float | None = None
+
+
+class WorkerPool:
+    """Runs jobs in supervised, spawned worker processes; use from one asyncio event loop."""
+
+    def __init__(self, config: PoolConfig) -> None:
+        self._config = config
+        self._ctx = multiprocessing.get_context("spawn")  # never fork: TF and CUDA are not fork-safe
+        self._workers = [_Worker(id=i, device=d) for i, d in enumerate(config.devices)]
+        self._queue: deque[_Request] = deque()
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False  # no new requests
+        self._stopping = False  # no respawns either
+        self._closed = asyncio.Event()
+        self._became_ready = asyncio.Event()
+
+    # ---------------------------------------------------------------- public interface
+
+    async def start(self) -> None:
+        """Spawn every worker and return at once; ``wait_ready`` waits for the first warm one.
+
+        Workers are spawned from the loop's thread: on Linux PR_SET_PDEATHSIG fires when the spawning
+        *thread* exits, so that thread must live as long as the pool.
+        """
+        if self._loop is not None:
+            raise RuntimeError("the pool is already started")
+        self._loop = asyncio.get_running_loop()
+        for worker in self._workers:
+            self._spawn(worker)
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        """True as soon as one worker is warm; False if none is within ``timeout_s``."""
+        loop = self._running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.ready:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._stopping:
+                return self.ready
+            self._became_ready.clear()
+            try:
+                await asyncio.wait_for(self._became_ready.wait(), remaining)
+            except TimeoutError:
+                return self.ready
+        return True
+
+    async def run(self, job: Any, *, timeout_s: float | None = None, affinity: str | None = None) -> Any:
+        """The handler's result for ``job``, computed in a worker within the deadline.
+
+        ``timeout_s`` may shorten the configured default, never extend it; queue wait counts.
+        ``affinity`` defaults to ``job.signature()`` when the job has one.
+        """
+        loop = self._running_loop()
+        if self._closing:
+            raise _overloaded("shutting down")
+        if len(self._queue) >= self._config.queue_size and not any(w.state == IDLE for w in self._workers):
+            raise _overloaded("queue full")
+        default = self._config.default_timeout_s
+        timeout = default if timeout_s is None else min(timeout_s, default)
+        if timeout <= 0:
+            raise Timeout("the request left no time to compute", timeout_s=timeout)
+        key = affinity if affinity is not None else _signature_of(job)
+        request_id = next(self._ids)
+        # Pickled here, so an unpicklable job fails in the caller, not in a thread.
+        frames = transport.encode(("job", request_id, job))
+        request = _Request(
+            id=request_id,
+            frames=frames,
+            affinity=None if key is None else hash(key),
+            timeout_s=timeout,
+            future=loop.create_future(),
+        )
+        request.timer = loop.call_at(loop.time() + timeout, self._on_deadline, request)
+        self._queue.append(request)
+        self._dispatch()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The caller gave up. A queued job is dropped; a running one finishes (or meets its deadline).
+            if request.state == _QUEUED:
+                self._queue.remove(request)
+                self._done(request)
+            raise
+
+    async def close(self, grace_s: float | None = None) -> None:
+        """Refuse new jobs, let queued and running ones finish within the grace period, stop every worker."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        if self._loop is None:
+            self._stopping = True
+            self._closed.set()
+            return
+        loop = self._running_loop()
+        grace = self._config.shutdown_grace_s if grace_s is None else grace_s
+        deadline = loop.time() + grace
+        while (self._queue or self._in_flight()) and loop.time() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+
+        self._stopping = True
+        while self._queue:
+            request = self._queue.popleft()
+            self._done(request, error=_overloaded("shutting down"))
+        for worker in self._workers:
+            if worker.respawn_timer is not None:
+                worker.respawn_timer.cancel()
+                worker.respawn_timer = None
+            if worker.current is not None:
+                request = worker.current
+                worker.current = None
+                self._done(request, error=WorkerCrashed("the service shut down before this job finished"))
+                self._kill(worker, "shutdown")
+            elif worker.state == IDLE:
+                self._retire(worker, "shutdown")
+            elif worker.state == STARTING:
+                self._kill(worker, "shutdown")  # nothing to lose, and it would not read "stop" until warm
+            elif worker.incarnation is None:
+                worker.state = STOPPED
+
+        # Graceful stops are bounded by their own kill timer; then wait for the readers to see the exits.
+        stop_deadline = loop.time() + _STOP_GRACE_S + _EXIT_JOIN_S + 1.0
+        while any(w.incarnation is not None for w in self._workers) and loop.time() < stop_deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        for worker in self._workers:
+            if worker.incarnation is not None:
+                log.error(
+                    "worker %d (pid %s) did not exit; killing it", worker.id, worker.incarnation.process.pid
+                )
+                _kill_quietly(worker.incarnation.process)
+            worker.state = STOPPED
+        self._closed.set()
+
+    @property
+    def ready(self) -> bool:
+        """At least one worker is warm (idle or busy)."""
+        return any(w.state in (IDLE, BUSY) for w in self._workers)
+
+    def status(self) -> dict[str, Any]:
+        """Per-worker health for /readyz, plus queue depth and jobs in flight."""
+        workers = []
+        for w in self._workers:
+            pid = w.incarnation.process.pid if w.incarnation is not None else None
+            rss = read_rss_mb(pid) if pid is not None else None
+            workers.append(
+                {
+                    "id": w.id,
+                    "pid": pid,
+                    "device": w.device,
+                    "state": w.state,
+                    "jobs": w.jobs,
+                    "restarts": sum(w.restarts[c] for c in RESTART_CAUSES),
+                    "restarts_by_cause": {c: w.restarts[c] for c in RESTART_CAUSES},
+                    "rss_mb": None if rss is None else round(rss, 1),
+                    "last_exit": None if w.last_exit is None else dict(w.last_exit),
+                }
+            )
+        return {
+            "ready": self.ready,
+            "workers": workers,
+            "queue_depth": len(self._queue),
+            "in_flight": self._in_flight(),
+        }
+
+    # ---------------------------------------------------------------- dispatch and deadlines
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            idle = [w for w in self._workers if w.state == IDLE]
+            if not idle:
+                return
+            request = self._queue.popleft()
+            if request.affinity is not None:
+                # Work-conserving: a free worker with the program cached wins, but nobody waits for one.
+                warm = [w for w in idle if request.affinity in w.recent]
+                idle = warm or idle
+            # Least recently assigned spreads load evenly over otherwise equal workers.
+            self._assign(min(idle, key=lambda w: w.last_assigned), request)
+
+    def _assign(self, worker: _Worker, request: _Request) -> None:
+        incarnation = worker.incarnation
+        assert incarnation is not None and request.frames is not None
+        request.state = _RUNNING
+        request.worker = worker
+        worker.current = request
+        worker.state = BUSY
+        worker.last_assigned = self._running_loop().time()
+        if request.affinity is not None:
+            worker.recent[request.affinity] = None
+            worker.recent.move_to_end(request.affinity)
+            # Track as many keys as the child's program cache holds; older ones are likely evicted there.
+            while len(worker.recent) > self._config.cache_size:
+                worker.recent.popitem(last=False)
+        incarnation.outbox.put(request.frames)
+        request.frames = None  # the writer thread holds them now; the job's arrays are freed after sending
+
+    def _on_deadline(self, request: _Request) -> None:
+        request.timer = None
+        error = Timeout(
+            f"the computation did not finish within {request.timeout_s:g} s", timeout_s=request.timeout_s
+        )
+        if request.state == _QUEUED:
+            self._queue.remove(request)
+            self._done(request, error=error)
+        elif request.state == _RUNNING:
+            worker = request.worker
+            assert worker is not None
+            # Python cannot interrupt a running TF op: the only way to get the worker back is to kill it.
+            log.warning(
+                "job %d passed its %g s deadline on worker %d; killing it",
+                request.id,
+                request.timeout_s,
+                worker.id,
+            )
+            worker.current = None
+            self._done(request, error=error)
+            self._kill(worker, "timeout")
+
+    def _done(self, request: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
+        request.state = _DONE
+        request.frames = None
+        if request.timer is not None:
+            request.timer.cancel()
+            request.timer = None
+        if request.future.done():  # the caller was cancelled
+            return
+        if error is not None:
+            request.future.set_exception(error)
+        else:
+            request.future.set_result(result)
+
+    def _in_flight(self) -> int:
+        return sum(1 for w in self._workers if w.current is not None)
+
+    # ---------------------------------------------------------------- worker lifecycle (loop thread)
+
+    def _spawn(self, worker: _Worker) -> None:
+        worker.respawn_timer = None
+        if self._stopping:
+            worker.state = STOPPED
+            return
+        config = self._config
+        settings = WorkerSettings(
+            worker_id=worker.id,
+            device=worker.device,
+            parent_pid=os.getpid(),
+            handler=config.handler,
+            warmup=config.warmup,
+            limits=config.limits,
+            environment=child_environment(
+                worker.device,
+                intra_op_threads=config.intra_op_threads,
+                inter_op_threads=config.inter_op_threads,
+                cache_size=config.cache_size,
+                gpu_memory_limit_mb=config.gpu_memory_limit_mb,
+            ),
+            gpu_memory_limit_mb=config.gpu_memory_limit_mb,
+        )
+        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        process = self._ctx.Process(
+            target=worker_main, args=(child_conn, settings), name=f"tapeserve-worker-{worker.id}", daemon=True
+        )
+        try:
+            process.start()
+        except OSError as exc:  # e.g. out of memory or process slots: retry like a crash loop
+            parent_conn.close()
+            log.error("could not spawn worker %d: %s", worker.id, exc)
+            worker.quick_crashes += 1
+            worker.state = BACKOFF
+            worker.respawn_timer = self._running_loop().call_later(
+                _backoff(worker.quick_crashes), self._spawn, worker
+            )
+            return
+        finally:
+            child_conn.close()  # the child holds its own copy; ours would hide the child's EOF
+        incarnation = _Incarnation(process=process, conn=parent_conn)
+        worker.incarnation = incarnation
+        worker.state = STARTING
+        worker.recent.clear()  # a new process has an empty program cache
+        for role, target in (("reader", self._read_loop), ("writer", self._write_loop)):
+            threading.Thread(
+                target=target,
+                args=(worker, incarnation),
+                name=f"tapeserve-worker-{worker.id}-{role}",
+                daemon=True,
+            ).start()
+
+    def _retire(self, worker: _Worker, cause: str) -> None:
+        """Ask an idle worker to exit; it is replaced when its exit is seen."""
+        incarnation = worker.incarnation
+        if incarnation is None:
+            return
+        worker.exit_cause = worker.exit_cause or cause
+        worker.state = STOPPING
+        incarnation.outbox.put(transport.encode(("stop",)))
+        incarnation.stop_timer = self._running_loop().call_later(
+            _STOP_GRACE_S, _kill_quietly, incarnation.process
+        )
+
+    def _kill(self, worker: _Worker, cause: str) -> None:
+        incarnation = worker.incarnation
+        if incarnation is None:
+            return
+        worker.exit_cause = worker.exit_cause or cause
+        worker.state = STOPPING
+        _kill_quietly(incarnation.process)
+
+    def _on_message(self, worker: _Worker, incarnation: _Incarnation, message: tuple[Any, ...]) -> None:
+        if incarnation is not worker.incarnation:
+            return
+        kind = message[0]
+        if kind == "ready":
+            incarnation.ready = True
+            if worker.state == STARTING:
+                worker.state = IDLE
+                self._became_ready.set()
+                self._dispatch()
+        elif kind == "failed":
+            incarnation.failure = str(message[1])
+            log.error("worker %d could not start: %s", worker.id, incarnation.failure)
+        elif kind in ("result", "error"):
+            _, request_id, payload, rss_mb = message
+            worker.rss_mb = rss_mb
+            request = worker.current
+            if request is None or request.id != request_id:
+                return  # its deadline already passed; the worker is being killed
+            worker.current = None
+            worker.jobs += 1
+            incarnation.jobs += 1
+            if kind == "result":
+                self._done(request, result=payload)
+            else:
+                self._done(request, error=TapeserveError.from_dict(payload))
+            if worker.state == BUSY:
+                limit = self._config.memory_limit_mb
+                if incarnation.jobs >= self._config.max_jobs_per_worker:
+                    self._retire(worker, "recycle")
+                elif limit is not None and rss_mb is not None and rss_mb > limit:
+                    log.info("worker %d uses %.0f MB > %d MB; recycling it", worker.id, rss_mb, limit)
+                    self._retire(worker, "memory")
+                else:
+                    worker.state = IDLE
+            self._dispatch()
+
+    def _on_exit(self, worker: _Worker, incarnation: _Incarnation, exitcode: int | None) -> None:
+        incarnation.outbox.put(None)  # ends the writer thread
+        if incarnation.stop_timer is not None:
+            incarnation.stop_timer.cancel()
+        incarnation.conn.close()
+        if incarnation is not worker.incarnation:
+            return
+        worker.incarnation = None
+        cause = worker.exit_cause or "crash"
+        worker.exit_cause = None
+        signal_name = _signal_name(exitcode)
+        worker.last_exit = {
+            "cause": cause,
+            "exitcode": exitcode,
+            "signal": signal_name,
+            "detail": incarnation.failure,
+            "at": time.time(),
+        }
+        request = worker.current
+        worker.current = None
+        if request is not None:
+            how = f"signal {signal_name}" if signal_name else f"exit code {exitcode}"
+            self._done(request, error=WorkerCrashed(f"the worker died while running this job ({how})"))
+        if cause == "crash":
+            log.warning("worker %d (pid %s) died: %s", worker.id, incarnation.process.pid, worker.last_exit)
+        if self._stopping:
+            worker.state = STOPPED
+            return
+
+        delay = 0.0
+        if cause == "crash":
+            lived = time.monotonic() - incarnation.spawned_at
+            healthy = incarnation.ready and lived >= _HEALTHY_LIFETIME_S
+            worker.quick_crashes = 1 if healthy else worker.quick_crashes + 1
+            delay = _backoff(worker.quick_crashes)
+        worker.restarts[cause] += 1
+        if delay > 0:
+            worker.state = BACKOFF
+            worker.respawn_timer = self._running_loop().call_later(delay, self._spawn, worker)
+        else:
+            self._spawn(worker)
+        self._dispatch()
+
+    # ---------------------------------------------------------------- per-process threads
+
+    def _read_loop(self, worker: _Worker, incarnation: _Incarnation) -> None:
+        try:
+            while True:
+                message = transport.receive(incarnation.conn)
+                if not self._post(self._on_message, worker, incarnation, message):
+                    break
+        except (EOFError, OSError):
+            pass  # the child exited or died: the normal end of this thread
+        except Exception:
+            log.exception("worker %d sent an unreadable message; killing it", worker.id)
+            _kill_quietly(incarnation.process)
+        process = incarnation.process
+        process.join(_EXIT_JOIN_S)
+        if process.exitcode is None:
+            _kill_quietly(process)
+            process.join()
+        self._post(self._on_exit, worker, incarnation, process.exitcode)
+
+    def _write_loop(self, worker: _Worker, incarnation: _Incarnation) -> None:
+        while True:
+            frames = incarnation.outbox.get()
+            if frames is None:
+                return
+            try:
+                transport.send(incarnation.conn, frames)
+            except (OSError, ValueError):
+                return  # the child is gone; the reader reports it
+
+    def _post(self, callback: Callable[..., None], *args: Any) -> bool:
+        loop = self._loop
+        assert loop is not None
+        try:
+            loop.call_soon_threadsafe(callback, *args)
+        except RuntimeError:  # the loop is closed: nobody is left to tell
+            return False
+        return True
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("start() the pool first")
+        return self._loop
+
+
+def _overloaded(detail: str) -> Overloaded:
+    return Overloaded(detail, retry_after=RETRY_AFTER_S)
+
+
+def _signature_of(job: Any) -> str | None:
+    signature = getattr(job, "signature", None)
+    if not callable(signature):
+        return None
+    try:
+        key = signature()
+    except Exception:
+        return None
+    return key if isinstance(key, str) else None
+
+
+def _backoff(quick_crashes: int) -> float:
+    if quick_crashes <= 1:
+        return 0.0
+    return float(min(_BACKOFF_BASE_S * 2 ** (quick_crashes - 2), _BACKOFF_MAX_S))
+
+
+def _signal_name(exitcode: int | None) -> str | None:
+    if exitcode is None or exitcode >= 0:
+        return None
+    try:
+        return signal.Signals(-exitcode).name
+    except ValueError:
+        return None
+
+
+def _kill_quietly(process: BaseProcess) -> None:
+    try:
+        process.kill()
+    except (OSError, ValueError, AttributeError):
+        pass  # already gone, or closed

@@ -1,0 +1,138 @@
+"""Pool lifecycle with real processes: recycling, memory ceiling, crash loops, shutdown, no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from service.errors import Overloaded, Timeout, WorkerCrashed
+from service.workers import PoolConfig, WorkerPool
+from tests.workers.conftest import HANDLER, ROOT, Driver
+from tests.workers.pool_probes import all_idle, busy_pids, pid_gone, restarts, wait_until
+
+
+def test_recycling_after_n_jobs_drops_nothing(make_pool: Any, drive: Driver) -> None:
+    pool = make_pool(max_jobs_per_worker=3)
+    first_pid = pool.status()["workers"][0]["pid"]
+
+    async def scenario() -> list[Any]:
+        return await asyncio.gather(*(pool.run({"op": "echo", "value": i}) for i in range(10)))
+
+    assert drive(scenario()) == list(range(10))
+    drive(all_idle(pool))
+    worker = pool.status()["workers"][0]
+    assert worker["jobs"] == 10 and worker["pid"] != first_pid
+    assert worker["restarts_by_cause"] == {"crash": 0, "timeout": 0, "memory": 0, "recycle": 3}
+    assert worker["last_exit"]["cause"] == "recycle" and worker["last_exit"]["exitcode"] == 0
+
+
+def test_memory_ceiling_recycles_after_the_job(make_pool: Any, drive: Driver) -> None:
+    pool = make_pool(devices=("cpu", "cpu"), memory_limit_mb=300)
+
+    async def scenario() -> list[Any]:
+        jobs = [pool.run({"op": "allocate", "mb": 400, "value": "big"})]
+        jobs += [pool.run({"op": "sleep", "seconds": 0.01, "value": i}) for i in range(20)]
+        return await asyncio.gather(*jobs)
+
+    assert drive(scenario()) == ["big", *range(20)]
+    drive(all_idle(pool))
+    assert restarts(pool, "memory") == 1 and restarts(pool, "crash") == 0
+    assert all(w["rss_mb"] < 300 for w in pool.status()["workers"])
+    # Small jobs on the fresh process stay under the ceiling: no more recycling.
+    for i in range(5):
+        assert drive(pool.run({"op": "echo", "value": i})) == i
+    assert restarts(pool, "memory") == 1
+
+
+def test_a_worker_that_cannot_start_backs_off(make_pool: Any, drive: Driver) -> None:
+    pool = make_pool(handler="tests.workers.handlers:no_such_function", ready=False, default_timeout_s=1.0)
+    assert drive(pool.wait_ready(2.0)) is False
+    worker = pool.status()["workers"][0]
+    assert worker["restarts_by_cause"]["crash"] >= 2
+    assert "AttributeError" in worker["last_exit"]["detail"]
+    assert worker["state"] in ("starting", "backoff")
+    # Without backoff it would restart every ~0.3 s; with it, the gaps grow.
+    drive(wait_until(lambda: pool.status()["workers"][0]["state"] == "backoff", 10.0, "backoff"))
+    with pytest.raises(Timeout):
+        drive(pool.run({"op": "echo", "value": 1}))
+
+
+def test_missing_warmup_module_is_skipped(make_pool: Any, drive: Driver) -> None:
+    pool = make_pool(warmup="tests.workers.no_such_module:warmup")
+    assert drive(pool.run({"op": "warmed"})) is False
+
+
+def test_close_drains_queued_and_running_jobs(make_pool: Any, drive: Driver) -> None:
+    pool = make_pool(queue_size=4)
+    pid = pool.status()["workers"][0]["pid"]
+
+    async def scenario() -> list[Any]:
+        jobs = [
+            asyncio.ensure_future(pool.run({"op": "sleep", "seconds": 0.3, "value": i})) for i in range(3)
+        ]
+        await busy_pids(pool)
+        await pool.close(grace_s=10.0)
+        assert all(job.done() for job in jobs)
+        with pytest.raises(Overloaded, match="shutting down"):
+            await pool.run({"op": "echo", "value": 1})
+        return await asyncio.gather(*jobs)
+
+    assert drive(scenario()) == [0, 1, 2]
+    assert pool.status()["workers"][0]["state"] == "stopped" and not pool.ready
+    assert pool.status()["workers"][0]["restarts"] == 0
+    drive(wait_until(lambda: pid_gone(pid), 5.0, "worker exit"))
+
+
+def test_close_grace_expiry_cuts_off_long_jobs(make_pool: Any, drive: Driver) -> None:
+    pool = make_pool(queue_size=4)
+    pid = pool.status()["workers"][0]["pid"]
+
+    async def scenario() -> list[Any]:
+        jobs = [asyncio.ensure_future(pool.run({"op": "sleep", "seconds": 30})) for _ in range(2)]
+        await busy_pids(pool)
+        started = time.monotonic()
+        await pool.close(grace_s=0.5)
+        assert time.monotonic() - started < 3.0
+        return await asyncio.gather(*jobs, return_exceptions=True)
+
+    running, queued = drive(scenario())
+    assert isinstance(running, WorkerCrashed) and "shut down" in running.detail
+    assert isinstance(queued, Overloaded) and "shutting down" in queued.detail
+    drive(wait_until(lambda: pid_gone(pid), 5.0, "worker exit"))
+
+
+def test_close_before_start_and_twice(drive: Driver) -> None:
+    pool = WorkerPool(PoolConfig(devices=("cpu",), handler=HANDLER, warmup=None))
+    drive(pool.close())
+    drive(pool.close())
+    with pytest.raises(RuntimeError):
+        drive(pool.run({"op": "echo"}))
+
+
+def test_killing_the_parent_hard_leaves_no_worker(drive: Driver) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "tests.workers.pool_process", "orphans"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert parent.stdout is not None
+        readable, _, _ = select.select([parent.stdout], [], [], 30.0)
+        assert readable, "the helper never reported its workers"
+        pids = json.loads(parent.stdout.readline())
+        assert len(pids) == 2 and not any(pid_gone(pid) for pid in pids)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+    drive(wait_until(lambda: all(pid_gone(pid) for pid in pids), 5.0, "orphaned workers to exit"))

@@ -1,0 +1,232 @@
+"""The pool with real spawned workers: results, errors, dispatch, and surviving kills, aborts and deadlines.
+
+One two-worker pool serves the whole module; tests that kill workers wait for it to heal first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.errors import Overloaded, ShapeError, TapeserveError, Timeout, WorkerCrashed
+from service.limits import Limits
+from service.workers import WorkerPool
+from tests.workers.conftest import Driver
+from tests.workers.handlers import SignedJob
+from tests.workers.pool_probes import all_idle, busy_pids, restarts
+
+LIMITS = Limits(max_order=3)
+
+
+@pytest.fixture(scope="module")
+def pool(make_pool: Any) -> WorkerPool:
+    pool: WorkerPool = make_pool(
+        devices=("cpu", "cpu"),
+        default_timeout_s=20.0,
+        cache_size=8,
+        limits=LIMITS,
+        warmup="tests.workers.handlers:warmup",
+    )
+    return pool
+
+
+@pytest.fixture
+def healed(pool: WorkerPool, drive: Driver) -> WorkerPool:
+    drive(all_idle(pool))
+    return pool
+
+
+def test_arrays_in_and_out(healed: WorkerPool, drive: Driver) -> None:
+    x = np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 100)
+    back = drive(healed.run({"op": "echo", "value": {"x": x, "n": 3}}))
+    np.testing.assert_array_equal(back["x"], x)
+    assert back["x"].dtype == np.float32 and back["n"] == 3
+
+
+def test_child_gets_limits_warmup_and_environment(healed: WorkerPool, drive: Driver) -> None:
+    assert drive(healed.run({"op": "limits"})) == LIMITS
+    assert drive(healed.run({"op": "warmed"})) is True
+    names = [
+        "CUDA_VISIBLE_DEVICES",
+        "TF_NUM_INTRAOP_THREADS",
+        "TF_NUM_INTEROP_THREADS",
+        "OMP_NUM_THREADS",
+        "TF_CPP_MIN_LOG_LEVEL",
+        "TAPESERVE_CACHE_SIZE",
+    ]
+    env = drive(healed.run({"op": "env", "names": names}))
+    assert env == dict(zip(names, ["-1", "1", "1", "1", "2", "8"], strict=True))
+
+
+def test_user_error_is_rebuilt_in_the_parent(healed: WorkerPool, drive: Driver) -> None:
+    with pytest.raises(ShapeError) as caught:
+        drive(healed.run({"op": "shape_error"}))
+    assert caught.value.status == 422 and caught.value.extra == {"left": [2], "right": [3]}
+    assert "shape (2,)" in caught.value.detail
+
+
+def test_handler_bug_is_an_internal_error_without_details(healed: WorkerPool, drive: Driver) -> None:
+    with pytest.raises(TapeserveError) as caught:
+        drive(healed.run({"op": "bug"}))
+    assert type(caught.value) is TapeserveError and caught.value.status == 500
+    assert "secret" not in str(caught.value.to_dict())
+    # A handler exception is not a crash: same workers, no restart.
+    assert drive(healed.run({"op": "echo", "value": 1})) == 1
+    assert restarts(healed, "crash") == 0
+
+
+def test_cache_affinity_prefers_the_worker_that_served_the_key(healed: WorkerPool, drive: Driver) -> None:
+    async def pids(key: str) -> set[int]:
+        return {await healed.run({"op": "pid"}, affinity=key) for _ in range(6)}
+
+    first, second = drive(pids("sig-a")), drive(pids("sig-b"))
+    assert len(first) == 1 and len(second) == 1
+    # Least recently used: a new key goes to the other, equally idle worker.
+    assert first != second
+    # A job with a signature() uses it as the key.
+    assert drive(healed.run(SignedJob(op="pid", signature="sig-a"))) in first
+
+
+def test_status_shape(healed: WorkerPool) -> None:
+    status = healed.status()
+    assert status["queue_depth"] == 0 and status["in_flight"] == 0 and status["ready"] is True
+    assert [w["id"] for w in status["workers"]] == [0, 1]
+    for worker in status["workers"]:
+        assert set(worker) >= {"id", "pid", "device", "state", "jobs", "restarts", "rss_mb", "last_exit"}
+        assert worker["device"] == "cpu" and worker["state"] == "idle" and worker["rss_mb"] > 0
+        assert set(worker["restarts_by_cause"]) == {"crash", "timeout", "memory", "recycle"}
+
+
+def test_kill_9_during_a_request(healed: WorkerPool, drive: Driver) -> None:
+    crashes = restarts(healed, "crash")
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(healed.run({"op": "sleep", "seconds": 30}))
+        (pid,) = await busy_pids(healed)
+        os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(WorkerCrashed) as caught:
+            await task
+        assert time.monotonic() - started < 2.0
+        assert caught.value.status == 503 and "SIGKILL" in caught.value.detail
+        await all_idle(healed)
+        assert pid not in [w["pid"] for w in healed.status()["workers"]]
+        assert await healed.run({"op": "echo", "value": "after"}) == "after"
+
+    drive(scenario())
+    assert restarts(healed, "crash") == crashes + 1
+    last = [w["last_exit"] for w in healed.status()["workers"] if w["last_exit"]]
+    assert any(e["cause"] == "crash" and e["signal"] == "SIGKILL" for e in last)
+
+
+@pytest.mark.parametrize("how", ["kill -9", "abort", "segfault"])
+def test_crash_under_load_fails_only_the_job_in_flight(how: str, healed: WorkerPool, drive: Driver) -> None:
+    async def scenario() -> list[Any]:
+        doomed_job = {"op": "sleep", "seconds": 30} if how == "kill -9" else {"op": how}
+        if how == "kill -9":
+            doomed = asyncio.ensure_future(healed.run(doomed_job))
+            (pid,) = await busy_pids(healed)
+        # A stream of jobs through both workers while one of them dies.
+        others = [
+            asyncio.ensure_future(healed.run({"op": "sleep", "seconds": 0.02, "value": i})) for i in range(40)
+        ]
+        await asyncio.sleep(0.1)
+        if how == "kill -9":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            doomed = asyncio.ensure_future(healed.run(doomed_job))
+        return await asyncio.gather(doomed, *others, return_exceptions=True)
+
+    results = drive(scenario())
+    assert isinstance(results[0], WorkerCrashed), results[0]
+    assert results[1:] == list(range(40))
+    drive(all_idle(healed))
+    assert drive(healed.run({"op": "echo", "value": 7})) == 7
+
+
+def test_timeout_kills_and_respawns_the_worker(healed: WorkerPool, drive: Driver) -> None:
+    before = restarts(healed, "timeout")
+
+    async def scenario() -> float:
+        started = time.monotonic()
+        with pytest.raises(Timeout) as caught:
+            await healed.run({"op": "sleep", "seconds": 30}, timeout_s=1.0)
+        assert caught.value.status == 504 and caught.value.code == "timeout"
+        return time.monotonic() - started
+
+    elapsed = drive(scenario())
+    assert 0.95 <= elapsed < 2.0
+    drive(all_idle(healed))
+    assert restarts(healed, "timeout") == before + 1
+    assert drive(healed.run({"op": "echo", "value": "alive"})) == "alive"
+
+
+def test_queue_wait_counts_toward_the_deadline(healed: WorkerPool, drive: Driver) -> None:
+    before = restarts(healed, "timeout")
+
+    async def scenario() -> None:
+        blockers = [
+            asyncio.ensure_future(healed.run({"op": "sleep", "seconds": 1.5, "value": i})) for i in range(2)
+        ]
+        await busy_pids(healed, 2)
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            await healed.run({"op": "echo", "value": "late"}, timeout_s=0.5)
+        assert time.monotonic() - started < 1.2
+        assert await asyncio.gather(*blockers) == [0, 1]
+
+    drive(scenario())
+    assert restarts(healed, "timeout") == before  # nobody was running it: no worker was killed
+
+
+def test_timeout_cannot_exceed_the_configured_default(make_pool: Any, drive: Driver) -> None:
+    pool = make_pool(default_timeout_s=1.0)
+
+    async def scenario() -> float:
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            await pool.run({"op": "sleep", "seconds": 30}, timeout_s=60)
+        return time.monotonic() - started
+
+    assert drive(scenario()) < 2.0
+
+
+def test_a_cancelled_queued_request_is_dropped(healed: WorkerPool, drive: Driver) -> None:
+    async def scenario() -> None:
+        blockers = [asyncio.ensure_future(healed.run({"op": "sleep", "seconds": 0.5})) for _ in range(2)]
+        await busy_pids(healed, 2)
+        waiting = asyncio.ensure_future(healed.run({"op": "echo", "value": 1}))
+        await asyncio.sleep(0.05)
+        assert healed.status()["queue_depth"] == 1
+        waiting.cancel()
+        await asyncio.sleep(0)
+        assert healed.status()["queue_depth"] == 0
+        await asyncio.gather(*blockers)
+
+    drive(scenario())
+
+
+def test_queue_full_is_overloaded_at_once(make_pool: Any, drive: Driver) -> None:
+    pool = make_pool(queue_size=2)
+
+    async def scenario() -> None:
+        running = asyncio.ensure_future(pool.run({"op": "sleep", "seconds": 1.0, "value": "a"}))
+        await busy_pids(pool)
+        queued = [asyncio.ensure_future(pool.run({"op": "echo", "value": v})) for v in "bc"]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(Overloaded) as caught:
+            await pool.run({"op": "echo", "value": "d"})
+        assert time.monotonic() - started < 0.1
+        error = caught.value
+        assert error.status == 503 and error.code == "overloaded" and error.retry_after == 1  # type: ignore[attr-defined]
+        assert error.to_dict()["retry_after"] == 1
+        assert await asyncio.gather(running, *queued) == ["a", "b", "c"]
+
+    drive(scenario())
