@@ -1,0 +1,53 @@
+# Development entry points. `make run` serves on 127.0.0.1:8000; `make test` is what CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: run test lint format-check typecheck pytest openapi docs bench
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Stamp files: installs run again only when pyproject.toml changes.
+$(VENV)/.installed-server: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[server]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed-server  # the test extra includes the server
+
+run: $(VENV)/.installed-server
+	$(BIN)/tapeserve serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+
+# Not part of `make test`: formatting is a convenience, not a gate.
+format-check: $(VENV)/.installed-test
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed-test
+	$(BIN)/python -m pytest
+
+# Regenerate openapi/openapi.json from the app (tests/api/test_openapi.py fails when it is stale).
+openapi: $(VENV)/.installed-server
+	$(BIN)/python -m service.api.openapi
+
+# Regenerate the settings and limits tables in README.md from service/api/settings.py.
+docs: openapi
+	$(BIN)/python scripts/settings_table.py --write
+
+bench: $(VENV)/.installed-server
+	@test -f bench/run.py || { echo "bench/run.py does not exist yet"; exit 1; }
+	$(BIN)/python bench/run.py

@@ -1,0 +1,96 @@
+"""POST /v1/gradient: the value and the requested derivatives of an expression."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import OrjsonResponse, PoolDep, SettingsDep, TapeserveRoute
+from service.api.gradient_job import build_gradient_job, render_gradient_result
+from service.api.schemas import GradientRequest, GradientResponse, Problem
+from service.engine.jobs import GradientResult
+from service.errors import InvalidRequest, TapeserveError
+
+__all__ = ["router"]
+
+router = APIRouter(route_class=TapeserveRoute, tags=["gradient"])
+
+# Decoding or encoding a large tensor takes milliseconds of numpy work: above this many body bytes
+# it runs in a thread so the event loop keeps answering (below it the thread hop costs more).
+_OFFLOAD_BYTES = 256 * 1024
+# The same for responses: total elements across all returned tensors.
+_OFFLOAD_ELEMENTS = 32 * 1024
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": Problem,
+        "description": "Malformed JSON, or an expression that does not parse or resolve.",
+    },
+    413: {"model": Problem, "description": "The body is larger than max_body_bytes."},
+    415: {"model": Problem, "description": "The body is not application/json."},
+    422: {"model": Problem, "description": "Invalid request, shape/dtype error, or a limit exceeded."},
+    503: {"model": Problem, "description": "Overloaded (with Retry-After) or the worker crashed."},
+    504: {"model": Problem, "description": "The computation exceeded its deadline."},
+}
+
+
+def _result_elements(result: GradientResult) -> int:
+    total = result.value.size
+    for name in ("gradient", "jacobian", "hvp", "vjp"):
+        total += sum(a.size for a in (getattr(result, name) or {}).values())
+    total += sum(a.size for row in (result.hessian or {}).values() for a in row.values())
+    return total
+
+
+async def compute_gradient(
+    body: GradientRequest, request: Request, pool: PoolDep, settings: SettingsDep
+) -> OrjsonResponse:
+    """Compute the value and the requested derivatives of an expression."""
+    if body.timeout_s is not None and body.timeout_s > settings.request_timeout_s:
+        raise InvalidRequest(
+            f"timeout_s may be at most {settings.request_timeout_s} (the server's request_timeout_s)",
+            field="timeout_s",
+        )
+    limits = settings.limits()
+    large = int(request.headers.get("content-length") or 0) > _OFFLOAD_BYTES
+    if large:
+        job = await run_in_threadpool(build_gradient_job, body, limits)
+    else:
+        job = build_gradient_job(body, limits)
+    started = time.perf_counter()
+    result = await pool.run(
+        job, timeout_s=body.timeout_s or settings.request_timeout_s, affinity=job.signature()
+    )
+    total_ms = (time.perf_counter() - started) * 1000.0
+    if not isinstance(result, GradientResult):
+        raise TapeserveError(f"the worker returned {type(result).__name__}, not a GradientResult")
+    if large or _result_elements(result) > _OFFLOAD_ELEMENTS:
+        content = await run_in_threadpool(render_gradient_result, result, job, body.encoding, total_ms)
+    else:
+        content = render_gradient_result(result, job, body.encoding, total_ms)
+    return OrjsonResponse(content)
+
+
+router.add_api_route(
+    "/v1/gradient",
+    compute_gradient,
+    methods=["POST"],
+    operation_id="compute_gradient",
+    response_model=None,
+    responses={
+        200: {"model": GradientResponse, "description": "The value and the requested derivatives."},
+        **_PROBLEMS,
+    },  # fmt: skip
+)
+# The path the design card names; the same handler, kept out of the schema so clients use /v1.
+router.add_api_route(
+    "/gradient",
+    compute_gradient,
+    methods=["POST"],
+    operation_id="compute_gradient_unversioned",
+    response_model=None,
+    include_in_schema=False,
+)

@@ -1,0 +1,153 @@
+"""The server's configuration: one pydantic-settings model read from TAPESERVE_* variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Literal, Self
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.limits import Limits
+
+if TYPE_CHECKING:
+    from service.workers import PoolConfig
+
+__all__ = ["LIMIT_FIELDS", "Settings"]
+
+_DEFAULT_LIMITS = Limits()
+LIMIT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Limits))
+
+
+class Settings(BaseSettings):
+    """Every setting of the server; environment variables are the field names prefixed with TAPESERVE_."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TAPESERVE_", extra="forbid", frozen=True, validate_default=True
+    )
+
+    # --- HTTP server
+    # Loopback by default: exposing the service on a network is a deliberate choice.
+    host: str = Field("127.0.0.1", min_length=1, description="Interface to listen on.")
+    # The conventional development port.
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on (0: any free port).")
+    # "info" shows start-up and access lines, which is what an operator looks at first.
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level of the server and its access log."
+    )
+
+    # --- worker pool
+    # None: one worker per visible GPU, else one per 2 CPU cores (TF uses both threads of a core pair).
+    workers: int | None = Field(None, ge=1, le=256, description="Worker processes (unset: automatic).")
+    # None: derive from `workers` and the visible GPUs.
+    devices: str | None = Field(
+        None,
+        description='Devices: "cpu", or GPU ids such as "0,1" or "0,0,1,1" (with workers: round robin).',
+    )
+    # Long enough for a cold trace plus a large Hessian; a request may ask for less with timeout_s.
+    request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Deadline of a request, seconds.")
+    # A few seconds of backlog at typical request rates; beyond it clients are told to retry (503).
+    queue_size: int = Field(64, ge=1, le=100_000, description="Requests waiting for a worker before 503.")
+    # Recycling bounds slow leaks in TF and in the program cache without visible cost (one respawn).
+    worker_max_jobs: int = Field(10_000, ge=1, description="Jobs a worker serves before it is replaced.")
+    # None: no ceiling beyond the machine's; set it on shared hosts.
+    worker_memory_mb: int | None = Field(None, ge=256, description="Memory ceiling per worker, MiB.")
+    # None: memory growth on, so workers sharing a GPU take only what they use.
+    gpu_memory_mb: int | None = Field(None, ge=64, description="GPU memory limit per worker, MiB.")
+    # Small numeric kernels gain nothing from more threads; one keeps workers from fighting for cores.
+    intra_op_threads: int = Field(1, ge=1, le=256, description="TensorFlow intra-op threads per worker.")
+    inter_op_threads: int = Field(1, ge=1, le=256, description="TensorFlow inter-op threads per worker.")
+    # A compiled program is ~100 KB-1 MB; 256 of them fit easily and cover a typical working set.
+    cache_size: int = Field(256, ge=1, le=100_000, description="Compiled tape programs kept per worker.")
+    # Matches the default request deadline, so an in-flight request can always finish.
+    shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="Time to finish in-flight work on stop.")
+
+    # --- request limits (defaults and their reasons live in service/limits.py)
+    max_body_bytes: int = Field(
+        _DEFAULT_LIMITS.max_body_bytes,
+        ge=1024,
+        le=2**31,
+        description="Largest request body, bytes (checked before parsing).",
+    )
+    max_expression_chars: int = Field(
+        _DEFAULT_LIMITS.max_expression_chars,
+        ge=1,
+        le=1_000_000,
+        description="Longest expression, function body or gradient, characters.",
+    )
+    # Capped at 150: the parser's recursion head-room is sized for that.
+    max_nesting_depth: int = Field(
+        _DEFAULT_LIMITS.max_nesting_depth,
+        ge=1,
+        le=150,
+        description="Deepest nesting of brackets and operators (at most 150).",
+    )
+    max_syntax_nodes: int = Field(
+        _DEFAULT_LIMITS.max_syntax_nodes,
+        ge=1,
+        le=1_000_000,
+        description="Most syntax nodes in the expression with user functions inlined.",
+    )
+    max_input_elements: int = Field(
+        _DEFAULT_LIMITS.max_input_elements, ge=1, description="Most elements in one input tensor."
+    )
+    max_tensor_elements: int = Field(
+        _DEFAULT_LIMITS.max_tensor_elements,
+        ge=1,
+        description="Most elements in any intermediate or output tensor (static shapes).",
+    )
+    max_literal_digits: int = Field(
+        _DEFAULT_LIMITS.max_literal_digits, ge=1, le=10_000, description="Most digits in one numeric literal."
+    )
+    max_functions: int = Field(
+        _DEFAULT_LIMITS.max_functions, ge=0, le=10_000, description="Most user functions per request."
+    )
+    max_inputs: int = Field(
+        _DEFAULT_LIMITS.max_inputs, ge=1, le=10_000, description="Most variables plus constants per request."
+    )
+    # Capped at 8: each order nests one more tape and multiplies the output size by the variable's size.
+    max_order: int = Field(_DEFAULT_LIMITS.max_order, ge=1, le=8, description="Highest `order` (at most 8).")
+    max_batch: int = Field(
+        _DEFAULT_LIMITS.max_batch, ge=1, description="Most points along the batch axis when `batch` is true."
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_listed(cls, value: str | None) -> str | None:
+        # The full check (GPU ids must be visible) runs in pool_config(), which the CLI calls at start-up.
+        if value is None or not value.strip():
+            return None
+        items = [item.strip() for item in value.split(",")]
+        if not all(items):
+            raise ValueError(f"empty entry in {value!r}; list devices as 'cpu' or e.g. '0,1'")
+        return ",".join(items)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.max_input_elements > self.max_tensor_elements:
+            raise ValueError("max_input_elements may not exceed max_tensor_elements (inputs are tensors too)")
+        return self
+
+    def limits(self) -> Limits:
+        """The request limits as the plain dataclass every layer shares."""
+        return Limits(**{name: getattr(self, name) for name in LIMIT_FIELDS})
+
+    def pool_config(self) -> PoolConfig:
+        """The worker pool's configuration, with one device resolved per worker."""
+        from service.workers import PoolConfig, resolve_devices, visible_gpus
+
+        devices = resolve_devices(self.workers, self.devices, visible_gpus(), os.cpu_count() or 1)
+        return PoolConfig(
+            devices=devices,
+            queue_size=self.queue_size,
+            default_timeout_s=self.request_timeout_s,
+            max_jobs_per_worker=self.worker_max_jobs,
+            memory_limit_mb=self.worker_memory_mb,
+            gpu_memory_limit_mb=self.gpu_memory_mb,
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            cache_size=self.cache_size,
+            shutdown_grace_s=self.shutdown_grace_s,
+            limits=self.limits(),
+        )

@@ -1,0 +1,35 @@
+"""The committed openapi/openapi.json is what the app generates (run `make openapi` after API changes)."""
+
+from __future__ import annotations
+
+import json
+
+from service.api.openapi import DEFAULT_PATH, render_openapi
+
+
+def test_committed_openapi_is_current() -> None:
+    assert DEFAULT_PATH.exists(), "openapi/openapi.json is missing; run `make openapi`"
+    assert DEFAULT_PATH.read_text(encoding="utf-8") == render_openapi(), "stale; run `make openapi`"
+
+
+def test_operation_ids_are_stable() -> None:
+    document = json.loads(render_openapi())
+    ids = {
+        path: {method: op["operationId"] for method, op in ops.items()}
+        for path, ops in document["paths"].items()
+    }
+    assert ids == {
+        "/v1/gradient": {"post": "compute_gradient"},
+        "/v1/functions": {"get": "list_functions"},
+        "/healthz": {"get": "check_liveness"},
+        "/readyz": {"get": "check_readiness"},
+    }
+    schemas = document["components"]["schemas"]
+    assert {
+        "Tensor",
+        "NestedNumbers",
+        "Base64Tensor",
+        "GradientRequest",
+        "GradientResponse",
+        "Problem",
+    } <= set(schemas)
