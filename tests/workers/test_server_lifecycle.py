@@ -1,0 +1,129 @@
+"""The pool as a client of a real `tapeserve serve` sees it: crashes, deadlines, SIGTERM, hard kills."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer, start_server, stop_server
+
+# ~2e10 flops per matmul of 3000x3000 (9M elements, under the 10M limit): seconds of real work.
+SLOW = ("x * sum(matmul(matmul(matmul(matmul(M, M), M), M), M)) + 0 * x").replace(
+    "M", "reshape(sin(arange(9000000)), (3000, 3000))"
+)
+
+
+def worker_pids(server: LiveServer) -> list[int]:
+    status = httpx.get(f"{server.url}/readyz", timeout=5).json()
+    return [w["pid"] for w in status["pool"]["workers"] if w.get("pid")]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: it only waits for its parent to read its exit status.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def gradient(server: LiveServer, expression: str, **extra: Any) -> httpx.Response:
+    body = {"expression": expression, "variables": {"x": 1.5}, **extra}
+    return httpx.post(f"{server.url}/v1/gradient", json=body, timeout=120)
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[LiveServer]:
+    server = start_server(tmp_path)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        stop_server(server)
+
+
+def test_status_reports_each_worker(ready_server: LiveServer) -> None:
+    status = httpx.get(f"{ready_server.url}/readyz", timeout=5).json()
+    (worker,) = status["pool"]["workers"]
+    assert worker["device"] == "cpu" and worker["state"] in ("idle", "busy") and worker["pid"] > 0
+
+
+def test_a_killed_worker_fails_only_its_request_and_the_pool_heals(fresh_server: LiveServer) -> None:
+    (pid,) = worker_pids(fresh_server)
+    answers: list[httpx.Response] = []
+    slow = threading.Thread(target=lambda: answers.append(gradient(fresh_server, SLOW)))
+    slow.start()
+    time.sleep(1.5)  # the slow request is running on the only worker
+    os.kill(pid, signal.SIGKILL)
+    slow.join(timeout=60)
+    (answer,) = answers
+    assert answer.status_code == 503
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert answer.json()["code"] == "worker_crashed"
+    # The pool respawns the worker; the next request is served correctly.
+    fresh_server.wait_ready(timeout_s=60)
+    after = gradient(fresh_server, "x**3")
+    assert after.status_code == 200 and after.json()["gradient"]["x"] == pytest.approx(3 * 1.5**2)
+    assert worker_pids(fresh_server) != [pid]
+
+
+def test_a_request_past_its_deadline_gets_504_promptly(fresh_server: LiveServer) -> None:
+    start = time.monotonic()
+    answer = gradient(fresh_server, SLOW, timeout_s=1.0)
+    elapsed = time.monotonic() - start
+    assert answer.status_code == 504 and answer.json()["code"] == "timeout"
+    assert elapsed < 1.0 + 1.5, elapsed
+    fresh_server.wait_ready(timeout_s=60)
+    assert gradient(fresh_server, "x**2").json()["gradient"]["x"] == pytest.approx(3.0)
+
+
+def test_sigterm_finishes_in_flight_work_then_stops_every_worker(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        server.wait_ready()
+        pids = worker_pids(server)
+        answers: list[httpx.Response] = []
+        slow = threading.Thread(target=lambda: answers.append(gradient(server, SLOW)))
+        slow.start()
+        time.sleep(1.5)
+        server.process.send_signal(signal.SIGTERM)
+        slow.join(timeout=120)
+        (answer,) = answers
+        assert answer.status_code == 200, answer.text  # drained, not dropped
+        # uvicorn re-raises the signal after its graceful shutdown, so the exit status says SIGTERM.
+        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in server.log()
+        assert wait_gone(pids) == []
+    finally:
+        stop_server(server)
+
+
+def test_killing_the_api_process_hard_leaves_no_worker(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        server.wait_ready()
+        pids = worker_pids(server)
+        assert pids and all(alive(p) for p in pids)
+        server.process.kill()
+        server.process.wait(timeout=10)
+        assert wait_gone(pids) == []
+    finally:
+        stop_server(server)
