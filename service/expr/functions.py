@@ -118,7 +118,12 @@ _unary("relu", "max(x, 0).", lambda c, x: c.tf.nn.relu(x))
 _unary("softplus", "log(1 + exp(x)).", lambda c, x: c.tf.nn.softplus(x))
 _unary("elu", "Exponential linear unit (alpha 1).", lambda c, x: c.tf.nn.elu(x))
 _unary("selu", "Scaled exponential linear unit.", lambda c, x: c.tf.nn.selu(x))
-_unary("gelu", "Gaussian error linear unit (exact, erf form).", lambda c, x: c.tf.nn.gelu(x))
+# Written out rather than tf.nn.gelu, which rounds its 1/sqrt(2) to float32 even in float64.
+_unary(
+    "gelu",
+    "Gaussian error linear unit (exact, erf form).",
+    lambda c, x: 0.5 * x * (1.0 + c.tf.math.erf(x * c.tf.constant(1.0 / math.sqrt(2.0), x.dtype))),
+)
 _unary("swish", "x * sigmoid(x) (SiLU).", lambda c, x: c.tf.nn.silu(x))
 _unary("erf", "Error function.", lambda c, x: c.tf.math.erf(x))
 _unary("lgamma", "log |Gamma(x)|.", lambda c, x: c.tf.math.lgamma(x))
@@ -412,7 +417,7 @@ def _linspace(c: Context, start: float, stop: float, num: int) -> Any:
     if num < 0:
         raise ValueError("linspace num must not be negative")
     c.check_elements(num, "linspace")
-    return c.tf.cast(c.tf.linspace(float(start), float(stop), num), c.dtype)
+    return c.tf.linspace(c.tf.constant(start, c.dtype), c.tf.constant(stop, c.dtype), num)
 
 
 def _band(c: Context, x: Any, k: int, upper: bool) -> Any:
@@ -458,7 +463,7 @@ _add("gradient", "stop_gradient", ["x"], "x, but no gradient flows back through 
     "gradient",
     "clip_gradient",
     ["x", "lo", "hi"],
-    "x forward; the gradient flowing back through it is clipped to [lo, hi].",
+    "x forward; every gradient flowing back through it (any order) is clipped to [lo, hi].",
 )
 def _clip_gradient(c: Context, x: Any, lo: Any, hi: Any) -> Any:
     tf = c.tf
