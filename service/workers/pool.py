@@ -16,6 +16,7 @@ What ``run`` raises, besides the handler's own TapeserveError rebuilt in the par
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -89,6 +90,9 @@ class _Incarnation:
     process: BaseProcess
     conn: Connection
     outbox: queue.SimpleQueue[transport.Frames | None] = field(default_factory=queue.SimpleQueue)
+    # Held by whoever writes to the pipe (the loop for small messages, the writer thread for large).
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    reaping: bool = False  # its pipe closed and a thread is waiting for the process to exit
     spawned_at: float = field(default_factory=time.monotonic)
     ready: bool = False
     jobs: int = 0
@@ -308,8 +312,8 @@ class WorkerPool:
             # Track as many keys as the child's program cache holds; older ones are likely evicted there.
             while len(worker.recent) > self._config.cache_size:
                 worker.recent.popitem(last=False)
-        incarnation.outbox.put(request.frames)
-        request.frames = None  # the writer thread holds them now; the job's arrays are freed after sending
+        self._write(incarnation, request.frames)
+        request.frames = None  # sent, or the writer thread has them; the arrays are freed once sent
 
     def _on_deadline(self, request: _Request) -> None:
         request.timer = None
@@ -394,13 +398,13 @@ class WorkerPool:
         worker.incarnation = incarnation
         worker.state = STARTING
         worker.recent.clear()  # a new process has an empty program cache
-        for role, target in (("reader", self._read_loop), ("writer", self._write_loop)):
-            threading.Thread(
-                target=target,
-                args=(worker, incarnation),
-                name=f"tapeserve-worker-{worker.id}-{role}",
-                daemon=True,
-            ).start()
+        self._running_loop().add_reader(parent_conn.fileno(), self._on_readable, worker, incarnation)
+        threading.Thread(
+            target=self._write_loop,
+            args=(worker, incarnation),
+            name=f"tapeserve-worker-{worker.id}-writer",
+            daemon=True,
+        ).start()
 
     def _retire(self, worker: _Worker, cause: str) -> None:
         """Ask an idle worker to exit; it is replaced when its exit is seen."""
@@ -409,7 +413,7 @@ class WorkerPool:
             return
         worker.exit_cause = worker.exit_cause or cause
         worker.state = STOPPING
-        incarnation.outbox.put(transport.encode(("stop",)))
+        self._write(incarnation, transport.encode(("stop",)))
         incarnation.stop_timer = self._running_loop().call_later(
             _STOP_GRACE_S, _kill_quietly, incarnation.process
         )
@@ -504,23 +508,79 @@ class WorkerPool:
 
     # ---------------------------------------------------------------- per-process threads
 
-    def _read_loop(self, worker: _Worker, incarnation: _Incarnation) -> None:
+    def _write(self, incarnation: _Incarnation, frames: transport.Frames) -> None:
+        """Small messages are written from the loop at once (no thread hop on the hot path); they fit
+        the pipe buffer, and the child reads one message at a time, so the write does not wait."""
+        if transport.is_single_frame(frames) and incarnation.write_lock.acquire(blocking=False):
+            try:
+                transport.send(incarnation.conn, frames)
+            except (OSError, ValueError):
+                pass  # the child is gone; its EOF reports it
+            finally:
+                incarnation.write_lock.release()
+            return
+        incarnation.outbox.put(frames)
+
+    def _on_readable(self, worker: _Worker, incarnation: _Incarnation) -> None:
+        """The loop reads each reply's first frame itself; a large reply's buffers are read in a thread."""
+        conn = incarnation.conn
         try:
-            while True:
-                message = transport.receive(incarnation.conn)
-                if not self._post(self._on_message, worker, incarnation, message):
-                    break
+            head = conn.recv_bytes()
         except (EOFError, OSError):
-            pass  # the child exited or died: the normal end of this thread
+            self._stop_reading(worker, incarnation)
+            return
+        if transport.is_inline(head):
+            self._deliver(worker, incarnation, lambda: transport.decode(head, conn))
+            return
+        # Buffers follow as further frames: read them off the loop, then listen again.
+        self._running_loop().remove_reader(conn.fileno())
+
+        def read_rest() -> None:
+            try:
+                message = transport.decode(head, conn)
+            except (EOFError, OSError):
+                self._post(self._stop_reading, worker, incarnation)
+                return
+            except Exception:
+                log.exception("worker %d sent an unreadable message; killing it", worker.id)
+                _kill_quietly(incarnation.process)
+                self._post(self._stop_reading, worker, incarnation)
+                return
+            self._post(self._resume_reading, worker, incarnation, message)
+
+        threading.Thread(target=read_rest, name=f"tapeserve-worker-{worker.id}-reader", daemon=True).start()
+
+    def _deliver(self, worker: _Worker, incarnation: _Incarnation, decode: Callable[[], Any]) -> None:
+        try:
+            message = decode()
         except Exception:
             log.exception("worker %d sent an unreadable message; killing it", worker.id)
             _kill_quietly(incarnation.process)
-        process = incarnation.process
-        process.join(_EXIT_JOIN_S)
-        if process.exitcode is None:
-            _kill_quietly(process)
-            process.join()
-        self._post(self._on_exit, worker, incarnation, process.exitcode)
+            return
+        self._on_message(worker, incarnation, message)
+
+    def _resume_reading(self, worker: _Worker, incarnation: _Incarnation, message: Any) -> None:
+        if not incarnation.conn.closed:
+            self._running_loop().add_reader(incarnation.conn.fileno(), self._on_readable, worker, incarnation)
+        self._on_message(worker, incarnation, message)
+
+    def _stop_reading(self, worker: _Worker, incarnation: _Incarnation) -> None:
+        """The pipe closed: the child exited or died. Reap it off the loop, then report the exit."""
+        if incarnation.reaping or incarnation.conn.closed:
+            return
+        incarnation.reaping = True
+        with contextlib.suppress(ValueError, OSError):
+            self._running_loop().remove_reader(incarnation.conn.fileno())
+
+        def reap() -> None:
+            process = incarnation.process
+            process.join(_EXIT_JOIN_S)
+            if process.exitcode is None:
+                _kill_quietly(process)
+                process.join()
+            self._post(self._on_exit, worker, incarnation, process.exitcode)
+
+        threading.Thread(target=reap, name=f"tapeserve-worker-{worker.id}-reaper", daemon=True).start()
 
     def _write_loop(self, worker: _Worker, incarnation: _Incarnation) -> None:
         while True:
@@ -528,7 +588,8 @@ class WorkerPool:
             if frames is None:
                 return
             try:
-                transport.send(incarnation.conn, frames)
+                with incarnation.write_lock:
+                    transport.send(incarnation.conn, frames)
             except (OSError, ValueError):
                 return  # the child is gone; the reader reports it
 

@@ -1,8 +1,9 @@
 """Messages between the pool and its workers: pickle protocol 5 with numpy arrays as raw out-of-band frames.
 
-A message is one frame holding the pickle stream and the sizes of its buffers, then one frame per
-buffer. Contiguous numpy arrays never enter the pickle stream (no copy into it, no nested lists):
-their memory is written to the pipe as it is and read back into a writable buffer of the right size.
+A small message is one frame: a header with the sizes of its buffers, the buffers, then the pickle
+stream (one write and one read per message: the hot path of a warm request). A large one is a header
+frame with the pickle stream, then one frame per buffer, so big numpy arrays are never copied into
+the stream: their memory is written to the pipe as it is and read back into a writable buffer.
 Both ends are our own processes over a private pipe, so unpickling is trusted.
 """
 
@@ -13,11 +14,14 @@ import struct
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["Frames", "encode", "receive", "send"]
+__all__ = ["Frames", "decode", "encode", "is_inline", "is_single_frame", "receive", "send"]
 
 Frames = list[memoryview]
 
-_COUNT = struct.Struct("<I")
+_HEAD = struct.Struct("<IB")  # number of buffers, whether they travel inline
+# Inline up to this many buffer bytes: a copy this small costs less than extra system calls, and
+# the whole frame stays under the 64 KiB pipe buffer, so writing it never waits for the reader.
+INLINE_MAX_BYTES = 32 * 1024
 
 
 def encode(message: Any) -> Frames:
@@ -26,7 +30,13 @@ def encode(message: Any) -> Frames:
     stream = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
     raws = [b.raw() for b in buffers]
     sizes = struct.pack(f"<{len(raws)}Q", *(r.nbytes for r in raws))
-    return [memoryview(_COUNT.pack(len(raws)) + sizes + stream), *raws]
+    if sum(r.nbytes for r in raws) + len(stream) <= INLINE_MAX_BYTES:
+        return [memoryview(b"".join([_HEAD.pack(len(raws), 1), sizes, *raws, stream]))]
+    return [memoryview(_HEAD.pack(len(raws), 0) + sizes + stream), *raws]
+
+
+def is_single_frame(frames: Frames) -> bool:
+    return len(frames) == 1 and frames[0].nbytes <= INLINE_MAX_BYTES + 4096
 
 
 def send(conn: Connection, frames: Frames) -> None:
@@ -37,17 +47,30 @@ def send(conn: Connection, frames: Frames) -> None:
 
 def receive(conn: Connection) -> Any:
     """Read one message; raises EOFError when the other end has closed (or died)."""
-    head = conn.recv_bytes()
-    (count,) = _COUNT.unpack_from(head)
-    sizes = struct.unpack_from(f"<{count}Q", head, _COUNT.size)
-    stream = memoryview(head)[_COUNT.size + 8 * count :]
+    return decode(conn.recv_bytes(), conn)
+
+
+def is_inline(head: bytes) -> bool:
+    """Whether a message's first frame is the whole message."""
+    return bool(_HEAD.unpack_from(head)[1])
+
+
+def decode(head: bytes, conn: Connection) -> Any:
+    """The message whose first frame is ``head``, reading any further frames from ``conn``."""
+    count, inline = _HEAD.unpack_from(head)
+    sizes = struct.unpack_from(f"<{count}Q", head, _HEAD.size)
+    offset = _HEAD.size + 8 * count
+    view = memoryview(head)
     buffers = []
     for size in sizes:
         # A bytearray, not bytes: arrays rebuilt on it are writable, as the sender's were.
         buffer = bytearray(size)
-        if size:
+        if inline:
+            buffer[:] = view[offset : offset + size]
+            offset += size
+        elif size:
             conn.recv_bytes_into(buffer)
         else:
             conn.recv_bytes()
         buffers.append(buffer)
-    return pickle.loads(stream, buffers=buffers)  # noqa: S301 - our own processes, private pipe
+    return pickle.loads(view[offset:], buffers=buffers)  # noqa: S301 - our own processes, private pipe

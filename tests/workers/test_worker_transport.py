@@ -26,12 +26,20 @@ def roundtrip(message: Any) -> Any:
         right.close()
 
 
-def test_arrays_travel_out_of_band() -> None:
+def test_small_messages_are_one_frame_without_arrays_in_the_pickle_stream() -> None:
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (frame,) = transport.encode({"x": x})
+    assert transport.is_single_frame([frame]) and transport.is_inline(frame.tobytes())
+    # The array's bytes appear once, as a raw buffer beside the stream, not pickled inside it.
+    assert frame.tobytes().count(x.tobytes()) == 1 and len(frame) < 400 + x.nbytes
+
+
+def test_large_arrays_travel_out_of_band() -> None:
+    x = np.arange(transport.INLINE_MAX_BYTES, dtype=np.float32)
     frames = transport.encode({"x": x})
     # One head frame plus the array's own memory, not a copy inside the pickle stream.
     assert len(frames) == 2 and frames[1].nbytes == x.nbytes
-    assert len(frames[0]) < 400
+    assert len(frames[0]) < 400 and not transport.is_inline(frames[0].tobytes())
 
 
 def test_roundtrip_keeps_values_dtypes_and_layout() -> None:
