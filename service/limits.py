@@ -29,3 +29,9 @@ class Limits:
     max_order: int = 4
     # Batch points per request when `batch` is true (the leading axis).
     max_batch: int = 100_000
+    # Model parameters: 1M float32 weights are 4 MB raw, ~11 MB as JSON numbers each way.
+    max_params: int = 1_000_000
+    # Layers per model spec: deeper than any model a stateless per-request service should build.
+    max_layers: int = 64
+    # Optimizer steps per request: the seed's 500-epoch loop with room; streaming shows progress.
+    max_steps: int = 10_000

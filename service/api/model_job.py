@@ -1,0 +1,495 @@
+"""Between wire and engine for models and steps: requests become jobs, results become response bodies.
+
+Everything knowable without TensorFlow is checked here, before a worker is involved: the spec's
+layout and parameter count (``service.models.layout``), the shapes of x, y, weights, tangents and
+optimizer state, label ranges, reinforce actions and returns, steps and the expression program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.concurrency import run_in_threadpool
+
+from service.api.model_schemas import (
+    DescribeRequest,
+    DescribeResponse,
+    ExpressionStepRequest,
+    ModelGradientRequest,
+    Reinforce,
+    TrainStepRequest,
+    WeightDescription,
+)
+from service.api.problems import as_tapeserve_error
+from service.engine.jobs import (
+    ExpressionStepJob,
+    ExpressionStepResult,
+    ModelGradientJob,
+    ModelGradientResult,
+    StepRecord,
+    TrainStepJob,
+    TrainStepResult,
+)
+from service.errors import InvalidRequest, LimitExceeded, NotDifferentiable, ShapeError, TapeserveError
+from service.expr.program import check_program
+from service.limits import Limits
+from service.models.layout import ModelLayout, WeightInfo, model_layout, optimizer_state_layout
+from service.tensorcodec import Encoding, decode_tensor, encode_tensor
+
+__all__ = [
+    "NDJSON_MEDIA_TYPE",
+    "StepJob",
+    "StepResult",
+    "chunk_sizes",
+    "build_expression_step_job",
+    "build_model_gradient_job",
+    "build_train_step_job",
+    "describe_model",
+    "render_expression_step",
+    "render_model_gradient",
+    "render_train_step",
+    "stream_steps",
+]
+
+
+def describe_model(request: DescribeRequest, limits: Limits) -> DescribeResponse:
+    """The spec's weight layout, computed TF-free (the same checks as every model request)."""
+    layout = model_layout(request.model.model_dump(), limits)
+    state = None
+    if request.optimizer is not None:
+        state = [
+            WeightDescription(name=s.name, shape=list(s.shape), trainable=False)
+            for s in optimizer_state_layout(request.optimizer.model_dump(), layout)
+        ]
+    return DescribeResponse(
+        weights=[
+            WeightDescription(name=w.name, shape=list(w.shape), trainable=w.trainable) for w in layout.weights
+        ],
+        param_count=layout.param_count,
+        trainable_count=layout.trainable_count,
+        output_shape=list(layout.output_shape),
+        layer_output_shapes=[list(s) for s in layout.output_shapes],
+        optimizer_state=state,
+    )
+
+
+def _decode_list(values: list[Any] | None, name: str, dtype: str, limits: Limits) -> list[np.ndarray] | None:
+    if values is None:
+        return None
+    return [
+        decode_tensor(v, dtype, field=f"{name}[{i}]", max_elements=limits.max_params)
+        for i, v in enumerate(values)
+    ]
+
+
+def _check_list(arrays: list[np.ndarray], expected: list[tuple[str, tuple[int, ...]]], name: str) -> None:
+    if len(arrays) != len(expected):
+        listing = ", ".join(n for n, _ in expected)
+        raise ShapeError(
+            f"{name} has {len(arrays)} tensors; this model needs {len(expected)} ({listing or 'none'})",
+            field=name,
+        )
+    for i, (array, (what, shape)) in enumerate(zip(arrays, expected, strict=True)):
+        if tuple(array.shape) != shape:
+            raise ShapeError(
+                f"{name}[{i}] ({what}) has shape {list(array.shape)}; it must be {list(shape)}",
+                field=f"{name}[{i}]",
+            )
+
+
+def _model_inputs(
+    request: ModelGradientRequest | TrainStepRequest, limits: Limits, needs_y: bool
+) -> tuple[dict[str, Any], ModelLayout, np.ndarray, np.ndarray | None, list[np.ndarray] | None]:
+    spec = request.model.model_dump()
+    layout = model_layout(spec, limits)
+    dtype = request.dtype
+    x = decode_tensor(request.x, dtype, field="x", max_elements=limits.max_input_elements)
+    want = tuple(request.model.input_shape)
+    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+        raise ShapeError(
+            f"x has shape {list(x.shape)}; it must be [batch, {', '.join(map(str, want))}] "
+            f"(model.input_shape {list(want)} with a leading batch axis)",
+            field="x",
+        )
+    n = x.shape[0]
+    if n < 1:
+        raise ShapeError("x holds no examples (its batch axis is 0)", field="x")
+    if n > limits.max_batch:
+        raise LimitExceeded(
+            f"x has {n} examples; at most {limits.max_batch} are allowed",
+            limit="max_batch",
+            allowed=limits.max_batch,
+            field="x",
+        )
+    activations = n * layout.largest_activation
+    if activations > limits.max_tensor_elements:
+        raise LimitExceeded(
+            f"a layer output would have {activations} elements for {n} examples; "
+            f"at most {limits.max_tensor_elements} are allowed",
+            limit="max_tensor_elements",
+            allowed=limits.max_tensor_elements,
+            field="x",
+        )
+    if layout.integer_inputs:
+        vocabulary = spec["layers"][0]["input_dim"]
+        if not np.all(np.isfinite(x)) or np.any(x != np.round(x)) or x.min() < 0 or x.max() >= vocabulary:
+            raise InvalidRequest(
+                f"x holds token ids for the embedding: integers in [0, {vocabulary})", field="x"
+            )
+    y = None
+    if request.y is not None:
+        y = decode_tensor(request.y, dtype, field="y", max_elements=limits.max_input_elements)
+        _check_y(y, n, layout, request.loss.type)
+    elif needs_y:
+        raise InvalidRequest("y (the targets) is required for this loss and objective", field="y")
+    weights = _decode_list(request.weights, "weights", dtype, limits)
+    if weights is not None:
+        _check_list(weights, [(w.name, w.shape) for w in layout.weights], "weights")
+    return spec, layout, x, y, weights
+
+
+def _check_y(y: np.ndarray, n: int, layout: ModelLayout, loss: str) -> None:
+    out = layout.output_shape
+    if loss == "sparse_categorical_crossentropy":
+        want = (n, *out[:-1])
+        if tuple(y.shape) != want:
+            raise ShapeError(
+                f"y has shape {list(y.shape)}; sparse labels must have shape {list(want)} "
+                f"(the model's output {list(out)} without its class axis)",
+                field="y",
+            )
+        classes = out[-1]
+        if y.size and (np.any(y != np.round(y)) or y.min() < 0 or y.max() >= classes):
+            raise InvalidRequest(f"y holds class ids: integers in [0, {classes})", field="y")
+        return
+    want = (n, *out)
+    if tuple(y.shape) != want:
+        raise ShapeError(
+            f"y has shape {list(y.shape)}; it must be {list(want)} "
+            f"(batch + the model's output shape {list(out)})",
+            field="y",
+        )
+
+
+def _loss(request: ModelGradientRequest | TrainStepRequest) -> dict[str, Any]:
+    return request.loss.model_dump()
+
+
+def build_model_gradient_job(request: ModelGradientRequest, limits: Limits) -> ModelGradientJob:
+    """The engine job for a model gradient request, or the TapeserveError saying what is wrong."""
+    spec, layout, x, y, weights = _model_inputs(request, limits, needs_y=True)
+    wrt = tuple(dict.fromkeys(request.wrt))
+    needs_inputs = "inputs" in wrt or request.saliency or request.adversarial is not None
+    if layout.integer_inputs and needs_inputs:
+        raise NotDifferentiable(
+            "this model's inputs are token ids (embedding first); they have no gradient", field="wrt"
+        )
+    tangents = _decode_list(request.tangents, "tangents", request.dtype, limits)
+    if tangents is not None:
+        _check_list(tangents, [(w.name, w.shape) for w in layout.weights], "tangents")
+    adversarial = None if request.adversarial is None else request.adversarial.model_dump()
+    return ModelGradientJob(
+        model=spec,
+        x=x,
+        y=y,
+        weights=weights,
+        loss=_loss(request),
+        wrt=wrt,
+        tangents=tangents,
+        saliency=request.saliency,
+        adversarial=adversarial,
+        training=request.training,
+        dtype=request.dtype,
+    )
+
+
+def _check_steps(steps: int, limits: Limits) -> None:
+    if steps > limits.max_steps:
+        raise LimitExceeded(
+            f"steps is {steps}; at most {limits.max_steps} are allowed per request",
+            limit="max_steps",
+            allowed=limits.max_steps,
+            field="steps",
+        )
+
+
+def _clip(request: TrainStepRequest | ExpressionStepRequest) -> dict[str, float] | None:
+    if request.clip is None:
+        return None
+    return {k: v for k, v in request.clip.model_dump().items() if v is not None}
+
+
+def _state(
+    values: list[Any] | None, expected: list[tuple[str, tuple[int, ...]]], dtype: str, limits: Limits
+) -> list[np.ndarray] | None:
+    state = _decode_list(values, "optimizer_state", dtype, limits)
+    if state is not None:
+        _check_list(state, expected, "optimizer_state")
+        it = state[0]
+        if not np.isfinite(it) or it < 0 or it != np.round(it):
+            raise InvalidRequest(
+                "optimizer_state[0] is the iteration count: a non-negative integer",
+                field="optimizer_state[0]",
+            )
+    return state
+
+
+def build_train_step_job(request: TrainStepRequest, limits: Limits) -> TrainStepJob:
+    """The engine job for a train-step request, or the TapeserveError saying what is wrong."""
+    _check_steps(request.steps, limits)
+    objective = request.objective
+    reinforce = isinstance(objective, Reinforce)
+    spec, layout, x, y, weights = _model_inputs(request, limits, needs_y=not reinforce)
+    optimizer = request.optimizer.model_dump()
+    expected = [(s.name, s.shape) for s in optimizer_state_layout(optimizer, layout)]
+    state = _state(request.optimizer_state, expected, request.dtype, limits)
+    actions = returns = None
+    objective_data = objective.model_dump()
+    n = x.shape[0]
+    if isinstance(objective, Reinforce):
+        objective_data.pop("actions")
+        objective_data.pop("returns")
+        if len(layout.output_shape) != 1:
+            raise ShapeError(
+                "reinforce needs a model whose output is one vector of action scores per state; "
+                f"this one has shape {list(layout.output_shape)}",
+                field="model.layers",
+            )
+        if len(objective.actions) != n:
+            raise ShapeError(
+                f"objective.actions has {len(objective.actions)} entries; x has {n} states",
+                field="objective.actions",
+            )
+        count = layout.output_shape[0]
+        for i, a in enumerate(objective.actions):
+            if a >= count:
+                raise InvalidRequest(
+                    f"objective.actions[{i}] is {a}; the model has {count} actions (0..{count - 1})",
+                    field=f"objective.actions[{i}]",
+                )
+        actions = np.asarray(objective.actions, request.dtype)
+        returns = decode_tensor(objective.returns, request.dtype, field="objective.returns", max_elements=n)
+        if returns.shape != (n,):
+            raise ShapeError(
+                f"objective.returns has shape {list(returns.shape)}; it must be [{n}] (one per state)",
+                field="objective.returns",
+            )
+    elif layout.integer_inputs and objective_data["type"] == "adversarial":
+        raise NotDifferentiable(
+            "adversarial training needs differentiable inputs, not token ids", field="objective"
+        )
+    return TrainStepJob(
+        model=spec,
+        x=x,
+        y=y,
+        weights=weights,
+        optimizer=optimizer,
+        optimizer_state=state,
+        loss=_loss(request),
+        clip=_clip(request),
+        objective=objective_data,
+        actions=actions,
+        returns=returns,
+        steps=request.steps,
+        return_gradients=request.return_gradients,
+        dtype=request.dtype,
+    )
+
+
+def build_expression_step_job(request: ExpressionStepRequest, limits: Limits) -> ExpressionStepJob:
+    """The engine job for an expression step request, or the TapeserveError saying what is wrong."""
+    _check_steps(request.steps, limits)
+    if len(request.variables) + len(request.constants) > limits.max_inputs:
+        raise LimitExceeded(
+            f"{len(request.variables) + len(request.constants)} inputs; "
+            f"at most {limits.max_inputs} are allowed",
+            limit="max_inputs",
+            allowed=limits.max_inputs,
+        )
+    check_program(
+        request.expression,
+        list(request.variables),
+        list(request.constants),
+        {
+            name: {"params": list(f.params), "body": f.body, "gradient": f.gradient}
+            for name, f in request.functions.items()
+        },
+        limits,
+    )
+    dtype = request.dtype
+    cap = limits.max_input_elements
+    variables = {
+        k: decode_tensor(v, dtype, field=f"variables.{k}", max_elements=cap)
+        for k, v in request.variables.items()
+    }
+    constants = {
+        k: decode_tensor(v, dtype, field=f"constants.{k}", max_elements=cap)
+        for k, v in request.constants.items()
+    }
+    optimizer = request.optimizer.model_dump()
+    slots = optimizer_state_layout(optimizer, _variables_layout(variables))
+    state = _state(request.optimizer_state, [(s.name, s.shape) for s in slots], dtype, limits)
+    return ExpressionStepJob(
+        expression=request.expression,
+        variables=variables,
+        constants=constants,
+        functions={
+            name: {"params": list(f.params), "body": f.body, "gradient": f.gradient}
+            for name, f in request.functions.items()
+        },
+        optimizer=optimizer,
+        optimizer_state=state,
+        clip=_clip(request),
+        steps=request.steps,
+        dtype=dtype,
+    )
+
+
+def _variables_layout(variables: dict[str, np.ndarray]) -> ModelLayout:
+    """The variables as trainable 'weights', so the optimizer state layout is computed the same way."""
+    weights = tuple(WeightInfo(f"variables.{k}", tuple(v.shape), True, 0) for k, v in variables.items())
+    return ModelLayout(weights, 0, 0, ((1,),), False)
+
+
+def _history(history: list[StepRecord]) -> list[dict[str, float]]:
+    return [
+        {
+            "loss": h.loss,
+            "data_loss": h.data_loss,
+            "regularization_loss": h.regularization_loss,
+            "gradient_norm": h.gradient_norm,
+            "clipped_gradient_norm": h.clipped_gradient_norm,
+        }
+        for h in history
+    ]
+
+
+def _meta(cache: str, compute_ms: float, total_ms: float) -> dict[str, Any]:
+    return {"cache": cache, "compute_ms": round(compute_ms, 3), "total_ms": round(total_ms, 3)}
+
+
+def render_model_gradient(result: ModelGradientResult, encoding: Encoding, total_ms: float) -> dict[str, Any]:
+    def enc(a: Any) -> Any:
+        return encode_tensor(a, encoding, keep_arrays=True)
+
+    body: dict[str, Any] = {
+        "loss": result.loss,
+        "data_loss": result.data_loss,
+        "regularization_loss": result.regularization_loss,
+    }
+    for name in ("weight_gradients", "hvp", "weights"):
+        value = getattr(result, name)
+        if value is not None:
+            body[name] = [enc(a) for a in value]
+    for name in ("input_gradients", "saliency", "x_adv"):
+        value = getattr(result, name)
+        if value is not None:
+            body[name] = enc(value)
+    if result.adversarial_loss is not None:
+        body["adversarial_loss"] = result.adversarial_loss
+    body["meta"] = _meta(result.cache, result.compute_ms, total_ms)
+    return body
+
+
+def render_train_step(
+    results: list[TrainStepResult], encoding: Encoding, total_ms: float, steps: int
+) -> dict[str, Any]:
+    """The response of one or more chunks of steps (a streamed request runs several)."""
+    last = results[-1]
+    history = [h for r in results for h in r.history]
+
+    def enc(a: Any) -> Any:
+        return encode_tensor(a, encoding, keep_arrays=True)
+
+    body: dict[str, Any] = _history(history[-1:])[0]
+    body["weights"] = [enc(w) for w in last.weights]
+    body["optimizer_state"] = [enc(s) for s in last.optimizer_state]
+    if last.gradients is not None:
+        body["gradients"] = [enc(g) for g in last.gradients]
+    if steps > 1:
+        body["history"] = _history(history)
+    body["steps"] = steps
+    body["meta"] = _meta(results[0].cache, sum(r.compute_ms for r in results), total_ms)
+    return body
+
+
+def render_expression_step(
+    results: list[ExpressionStepResult], encoding: Encoding, total_ms: float, steps: int
+) -> dict[str, Any]:
+    last = results[-1]
+    history = [h for r in results for h in r.history]
+    body: dict[str, Any] = {
+        "value": history[-1].loss,
+        "gradient_norm": history[-1].gradient_norm,
+        "clipped_gradient_norm": history[-1].clipped_gradient_norm,
+        "variables": {k: encode_tensor(v, encoding, keep_arrays=True) for k, v in last.variables.items()},
+        "optimizer_state": [encode_tensor(s, encoding, keep_arrays=True) for s in last.optimizer_state],
+    }
+    if steps > 1:
+        body["history"] = _history(history)
+    body["steps"] = steps
+    body["meta"] = _meta(results[0].cache, sum(r.compute_ms for r in results), total_ms)
+    return body
+
+
+# --- running steps, in one pool job or in streamed chunks
+
+StepJob = TrainStepJob | ExpressionStepJob
+StepResult = TrainStepResult | ExpressionStepResult
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+
+
+def next_chunk(job: StepJob, previous: StepResult, steps: int) -> StepJob:
+    """The job that continues ``previous``: its weights (or variables) and optimizer state fed back."""
+    if isinstance(job, TrainStepJob):
+        assert isinstance(previous, TrainStepResult)
+        return dataclasses.replace(
+            job, weights=previous.weights, optimizer_state=previous.optimizer_state, steps=steps
+        )
+    assert isinstance(previous, ExpressionStepResult)
+    return dataclasses.replace(
+        job, variables=previous.variables, optimizer_state=previous.optimizer_state, steps=steps
+    )
+
+
+def progress_line(done: int, total: int, record: StepRecord) -> dict[str, Any]:
+    return {"type": "progress", "step": done, "steps": total, **_history([record])[0]}
+
+
+def chunk_sizes(total: int, every: int) -> list[int]:
+    """A streamed run of ``total`` steps cut into pool jobs of ``every`` steps (the last may be shorter)."""
+    return [min(every, total - start) for start in range(0, total, every)]
+
+
+async def stream_steps(
+    first: StepResult,
+    job: StepJob,
+    sizes: list[int],
+    run: Callable[[StepJob], Awaitable[StepResult]],
+    render: Callable[[list[StepResult]], dict[str, Any]],
+) -> AsyncIterator[bytes]:
+    """NDJSON lines: progress after each chunk, then the result, or a final error line with the problem."""
+    total = sum(sizes)
+    results = [first]
+    done = sizes[0]
+    yield _line(progress_line(done, total, first.history[-1]))
+    try:
+        for size in sizes[1:]:
+            job = next_chunk(job, results[-1], size)
+            results.append(await run(job))
+            done += size
+            yield _line(progress_line(done, total, results[-1].history[-1]))
+        result = await run_in_threadpool(render, results)
+        yield _line({"type": "result", **result})
+    except TapeserveError as error:
+        yield _line({"type": "error", "problem": error.to_dict()})
+    except Exception as error:  # the status line is gone: the problem goes into the stream instead
+        yield _line({"type": "error", "problem": as_tapeserve_error(error, "stream").to_dict()})
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"

@@ -1,0 +1,192 @@
+"""POST /v1/model/describe, /v1/model/gradient and /v1/model/train-step: model specs over the worker pool."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from service.api.deps import OrjsonResponse, PoolDep, SettingsDep, TapeserveRoute
+from service.api.model_job import (
+    NDJSON_MEDIA_TYPE,
+    StepJob,
+    StepResult,
+    build_model_gradient_job,
+    build_train_step_job,
+    chunk_sizes,
+    describe_model,
+    render_model_gradient,
+    render_train_step,
+    stream_steps,
+)
+from service.api.model_schemas import (
+    DescribeRequest,
+    DescribeResponse,
+    ModelGradientRequest,
+    ModelGradientResponse,
+    TrainStepRequest,
+    TrainStepResponse,
+)
+from service.api.schemas import Problem
+from service.api.settings import Settings
+from service.engine.jobs import ModelGradientResult, TrainStepJob, TrainStepResult
+from service.errors import InvalidRequest, TapeserveError
+
+__all__ = ["PROBLEMS", "STREAM_RESPONSE", "check_timeout", "router", "run_steps"]
+
+router = APIRouter(route_class=TapeserveRoute, tags=["models"])
+
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    400: {
+        "model": Problem,
+        "description": "Malformed JSON, or an expression that does not parse or resolve.",
+    },
+    413: {"model": Problem, "description": "The body is larger than max_body_bytes."},
+    415: {"model": Problem, "description": "The body is not application/json."},
+    422: {
+        "model": Problem,
+        "description": "Invalid spec or request (`field` names the offending path), shape error, or a limit.",
+    },
+    503: {"model": Problem, "description": "Overloaded (with Retry-After) or the worker crashed."},
+    504: {"model": Problem, "description": "The computation exceeded its deadline."},
+}
+STREAM_RESPONSE: dict[str, Any] = {
+    NDJSON_MEDIA_TYPE: {
+        "schema": {
+            "type": "string",
+            "description": (
+                'With "stream": true and steps > 1: one JSON object per line: {"type": "progress", "step", '
+                '"steps", "loss", ...} after each chunk, then {"type": "result", ...the JSON response} or '
+                '{"type": "error", "problem": {...}}.'
+            ),
+        }
+    }
+}
+
+
+def check_timeout(timeout_s: float | None, settings: Settings) -> float:
+    if timeout_s is not None and timeout_s > settings.request_timeout_s:
+        raise InvalidRequest(
+            f"timeout_s may be at most {settings.request_timeout_s} (the server's request_timeout_s)",
+            field="timeout_s",
+        )
+    return timeout_s or settings.request_timeout_s
+
+
+def _expect(result: Any, kind: type) -> Any:
+    if not isinstance(result, kind):
+        raise TapeserveError(f"the worker returned {type(result).__name__}, not a {kind.__name__}")
+    return result
+
+
+async def run_steps(
+    job: StepJob,
+    *,
+    stream: bool,
+    every: int,
+    pool: PoolDep,
+    timeout_s: float,
+    result_type: type,
+    render: Any,
+    encoding: Any,
+) -> Response:
+    """All steps in one pool job, or (stream) chunks of ``every`` steps, each fed the previous state."""
+    started = time.perf_counter()
+    total = job.steps
+
+    async def run(chunk: StepJob) -> StepResult:
+        result = await pool.run(chunk, timeout_s=timeout_s, affinity=chunk.signature())
+        checked: StepResult = _expect(result, result_type)
+        return checked
+
+    if not stream or total == 1:
+        result = await run(job)
+        body = await run_in_threadpool(
+            render, [result], encoding, (time.perf_counter() - started) * 1000.0, total
+        )
+        return OrjsonResponse(body)
+    sizes = chunk_sizes(total, every)
+    first_job = job if sizes[0] == total else _resized(job, sizes[0])
+    # The first chunk runs before the response starts, so its errors still get a proper status code.
+    first = await run(first_job)
+
+    def render_all(results: list[StepResult]) -> dict[str, Any]:
+        out: dict[str, Any] = render(results, encoding, (time.perf_counter() - started) * 1000.0, total)
+        return out
+
+    return StreamingResponse(
+        stream_steps(first, first_job, sizes, run, render_all), media_type=NDJSON_MEDIA_TYPE
+    )
+
+
+def _resized(job: StepJob, steps: int) -> StepJob:
+    return dataclasses.replace(job, steps=steps)
+
+
+async def describe(body: DescribeRequest, settings: SettingsDep) -> DescribeResponse:
+    """Describe a model spec's weights (get_weights() order), parameter count and optimizer state layout."""
+    return describe_model(body, settings.limits())
+
+
+async def model_gradient(body: ModelGradientRequest, pool: PoolDep, settings: SettingsDep) -> OrjsonResponse:
+    """Compute a model's loss and gradients w.r.t. weights and/or inputs, HVP, saliency or adversarial x."""
+    timeout_s = check_timeout(body.timeout_s, settings)
+    job = await run_in_threadpool(build_model_gradient_job, body, settings.limits())
+    started = time.perf_counter()
+    result = _expect(await pool.run(job, timeout_s=timeout_s, affinity=job.signature()), ModelGradientResult)
+    total_ms = (time.perf_counter() - started) * 1000.0
+    return OrjsonResponse(await run_in_threadpool(render_model_gradient, result, body.encoding, total_ms))
+
+
+async def train_step(body: TrainStepRequest, pool: PoolDep, settings: SettingsDep) -> Response:
+    """Run one or more clipped optimizer steps of a model; NDJSON progress with stream."""
+    timeout_s = check_timeout(body.timeout_s, settings)
+    job: TrainStepJob = await run_in_threadpool(build_train_step_job, body, settings.limits())
+    return await run_steps(
+        job,
+        stream=body.stream,
+        every=body.progress_every,
+        pool=pool,
+        timeout_s=timeout_s,
+        result_type=TrainStepResult,
+        render=render_train_step,
+        encoding=body.encoding,
+    )
+
+
+router.add_api_route(
+    "/v1/model/describe",
+    describe,
+    methods=["POST"],
+    operation_id="describe_model",
+    response_model=DescribeResponse,
+    responses={k: v for k, v in PROBLEMS.items() if k in (400, 413, 415, 422)},
+)
+router.add_api_route(
+    "/v1/model/gradient",
+    model_gradient,
+    methods=["POST"],
+    operation_id="model_gradient",
+    response_model=None,
+    responses={200: {"model": ModelGradientResponse, "description": "Loss and gradients."}, **PROBLEMS},
+)
+router.add_api_route(
+    "/v1/model/train-step",
+    train_step,
+    methods=["POST"],
+    operation_id="train_step",
+    response_model=None,
+    responses={
+        200: {
+            "model": TrainStepResponse,
+            "description": "New weights and optimizer state (JSON), or NDJSON progress lines with stream.",
+            "content": STREAM_RESPONSE,
+        },
+        **PROBLEMS,
+    },
+)
