@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format-check typecheck pytest openapi docs bench
+.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,21 @@ openapi: $(VENV)/.installed-server
 docs: openapi
 	$(BIN)/python scripts/settings_table.py --write
 
-bench: $(VENV)/.installed-server
-	@test -f bench/run.py || { echo "bench/run.py does not exist yet"; exit 1; }
+# wrk (Debian) drives the throughput workloads.
+/usr/bin/wrk:
+	command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+
+bench: $(VENV)/.installed-server /usr/bin/wrk
 	$(BIN)/python bench/run.py
+
+# httpstan in its own venv (its pinned dependencies stay out of ours); it compiles the Stan model (~35 s).
+bench/.peers/bin/python:
+	$(PYTHON) -m venv bench/.peers
+	bench/.peers/bin/python -m pip install --quiet httpstan
+
+bench-peers: $(VENV)/.installed-server /usr/bin/wrk bench/.peers/bin/python
+	$(BIN)/python bench/run.py --peers
+
+# 10,000 distinct expressions (about 10 minutes): worker RSS stays under its bound.
+bench-memory: $(VENV)/.installed-server /usr/bin/wrk
+	$(BIN)/python bench/run.py --memory 10000

@@ -1,22 +1,26 @@
-"""`make bench`: sequential latency of tapeserve against its compute floor and its HTTP floor.
+"""`make bench`: tapeserve against its compute floor, its HTTP floor and (with --peers) httpstan.
 
-Starts a tapeserve server and a minimal FastAPI echo server on loopback, drives both with one
-keep-alive httpx client, measures the same work in-process with a cached tf.function, and prints one
-table (p50/p99 in ms, ratios measured in this run) and writes bench/results/latest.json.
-Numbers are comparable only within one run: these machines are noisy.
+Starts the servers on loopback, drives them with one keep-alive httpx client (sequential latency)
+and wrk (throughput), measures the same work in-process with a cached tf.function, prints one table
+and writes bench/results/latest.json. Targets are ratios measured in this one run (these machines
+are noisy); nothing here is a pass/fail test.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 ROSEN = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"
 X10 = [0.1 * i for i in range(10)]
+STAN_ROSEN = """
+parameters { vector[10] x; }
+model { target += -sum(100 * square(x[2:10] - square(x[1:9])) + square(1 - x[1:9])); }
+"""
 
 
 def free_port() -> int:
@@ -44,7 +52,7 @@ def server(argv: list[str], port: int, ready_path: str, env: dict[str, str] | No
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"{argv[0]} exited with {proc.returncode}")
@@ -83,6 +91,41 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
+def wrk(url: str, body: dict[str, Any], connections: int, seconds: int) -> dict[str, float]:
+    """Throughput of POSTing ``body`` with wrk (one thread: the other core serves)."""
+    if shutil.which("wrk") is None:
+        return {}
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        payload = json.dumps(body).replace("\\", "\\\\").replace("'", "\\'")
+        script.write(
+            'wrk.method = "POST"\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f"wrk.body = '{payload}'\n"
+        )
+    try:
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script.name, url],
+            capture_output=True, text=True, timeout=seconds + 60, check=True,
+        ).stdout  # fmt: skip
+    finally:
+        os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+
+    def pct(p: str) -> float:
+        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
+        if m is None:
+            return float("nan")
+        return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+
+    return {
+        "rps": rps,
+        "p50_ms": pct("50"),
+        "p99_ms": pct("99"),
+        "non_2xx": int(errors.group(1)) if errors else 0,
+    }
+
+
 def in_process(n: int) -> dict[str, dict[str, float]]:
     """The compute floor: the same work as a cached tf.function called in this process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -117,10 +160,127 @@ def in_process(n: int) -> dict[str, dict[str, float]]:
     }
 
 
+def bench_echo(args: argparse.Namespace, rows: dict[str, Any]) -> None:
+    port = free_port()
+    echo = [sys.executable, "-m", "uvicorn", "bench.echo_app:app", "--port", str(port),
+            "--log-level", "warning", "--loop", "uvloop", "--http", "httptools"]  # fmt: skip
+    body = {"x": X10}
+    with server(echo, port, "/healthz") as url, httpx.Client(base_url=url) as client:
+        rows["http floor: FastAPI echo, sequential"] = summary(
+            timed(lambda: client.post("/echo", json=body).raise_for_status(), args.n)
+        )
+        rows["http floor: FastAPI echo, wrk 16 conns"] = wrk(url + "/echo", body, 16, args.seconds)
+
+
+def tapeserve(env: dict[str, str]) -> tuple[list[str], int, dict[str, str]]:
+    port = free_port()
+    argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "warning"]  # fmt: skip
+    return argv, port, {"TAPESERVE_WORKERS": "1", **env}
+
+
+def bench_tapeserve(args: argparse.Namespace, rows: dict[str, Any]) -> None:
+    grad = {"expression": ROSEN, "variables": {"x": X10}, "dtype": "float64"}
+    hess = {**grad, "derivatives": ["gradient", "hessian"]}
+    # A 1M-element tensor as JSON lists is ~20 MB: above the default body limit, which is the point.
+    argv, port, env = tapeserve({"TAPESERVE_MAX_BODY_BYTES": str(64 * 2**20)})
+    with server(argv, port, "/readyz", env) as url, httpx.Client(base_url=url, timeout=120) as client:
+
+        def post(payload: dict[str, Any]) -> httpx.Response:
+            return client.post("/v1/gradient", json=payload).raise_for_status()
+
+        rows["tapeserve rosen10 gradient, warm, sequential"] = summary(timed(lambda: post(grad), args.n))
+        rows["tapeserve rosen10 gradient+hessian, warm, sequential"] = summary(
+            timed(lambda: post(hess), args.n)
+        )
+        counter = iter(range(10**9))
+        rows["tapeserve rosen10 gradient+hessian, cold, sequential"] = summary(
+            timed(lambda: post({**hess, "expression": f"{ROSEN} + {next(counter)}"}), args.cold, warmup=1)
+        )
+        rows["tapeserve rosen10 gradient, wrk 16 conns"] = wrk(url + "/v1/gradient", grad, 16, args.seconds)
+        rows["tapeserve rosen10 gradient, wrk 32 conns, batching on"] = wrk(
+            url + "/v1/gradient", grad, 32, args.seconds
+        )
+        batching = client.get("/readyz").json().get("batching", {})
+        rows["tapeserve rosen10 gradient, wrk 32 conns, batching on"]["stacked_requests"] = batching.get(
+            "stacked_requests", 0
+        )
+
+        grid = np.linspace(-3, 3, 1000).tolist()
+        batch = {"expression": "sin(x) * exp(-x**2 / 4)", "variables": {"x": grid}, "batch": True,
+                 "derivatives": ["gradient", "hessian"], "dtype": "float64"}  # fmt: skip
+        rows["batch: f, f', f'' on a 1,000-point grid"] = summary(
+            timed(lambda: post(batch), max(20, args.n // 10))
+        )
+
+        big = np.random.default_rng(0).standard_normal(1_000_000).astype(np.float32)
+        as_json = {"expression": "sum(sin(x))", "variables": {"x": big.tolist()}}
+        b64 = {"dtype": "float32", "shape": [big.size], "b64": base64.b64encode(big.tobytes()).decode()}
+        as_b64 = {"expression": "sum(sin(x))", "variables": {"x": b64}, "encoding": "base64"}
+        rows["large: 1M-element gradient, JSON lists"] = summary(timed(lambda: post(as_json), 5, warmup=1))
+        rows["large: 1M-element gradient, base64"] = summary(timed(lambda: post(as_b64), 10, warmup=1))
+
+    argv, port, env = tapeserve({"TAPESERVE_BATCH_WINDOW_MS": "0"})
+    with server(argv, port, "/readyz", env) as url, httpx.Client(base_url=url, timeout=120) as client:
+        for _ in range(20):
+            client.post("/v1/gradient", json=grad).raise_for_status()
+        rows["tapeserve rosen10 gradient, wrk 32 conns, batching off"] = wrk(
+            url + "/v1/gradient", grad, 32, args.seconds
+        )
+
+
+def bench_memory(count: int, rows: dict[str, Any]) -> None:
+    """Distinct expressions one after another: the program cache evicts, recycling bounds RSS."""
+    bound_mb = 1500
+    argv, port, env = tapeserve({"TAPESERVE_WORKER_MEMORY_MB": str(bound_mb), "TAPESERVE_CACHE_SIZE": "256"})
+    samples: list[float] = []
+    with server(argv, port, "/readyz", env) as url, httpx.Client(base_url=url, timeout=120) as client:
+        start = time.perf_counter()
+        for k in range(count):
+            body = {"expression": f"sum(sin(x) * {k + 1}) + {k}", "variables": {"x": [0.5, 1.5]}}
+            client.post("/v1/gradient", json=body).raise_for_status()
+            if k % 250 == 0 or k == count - 1:
+                workers = client.get("/readyz").json()["pool"]["workers"]
+                samples.append(max(w.get("rss_mb") or 0.0 for w in workers))
+        restarts = client.get("/readyz").json()["pool"]["workers"][0].get("restarts")
+    rows[f"memory: {count} distinct expressions"] = {
+        "max_worker_rss_mb": max(samples),
+        "bound_mb": bound_mb,
+        "rss_samples_mb": [round(s) for s in samples],
+        "restarts": restarts,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def bench_httpstan(args: argparse.Namespace, rows: dict[str, Any]) -> None:
+    python = ROOT / "bench" / ".peers" / "bin" / "python"
+    port = free_port()
+    with server([str(python), "-m", "httpstan", "--port", str(port)], port, "/v1/health") as url:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            model = client.post("/v1/models", json={"program_code": STAN_ROSEN}).raise_for_status().json()
+            path = f"/v1/{model['name']}/log_prob_grad"
+            body = {"data": {}, "unconstrained_parameters": X10, "adjust_transform": False}
+            grad = client.post(path, json=body).raise_for_status().json()
+            assert len(grad["log_prob_grad"]) == 10
+            rows["httpstan rosen10 gradient, sequential"] = summary(
+                timed(lambda: client.post(path, json=body).raise_for_status(), args.n)
+            )
+            rows["httpstan rosen10 gradient, wrk 16 conns"] = wrk(url + path, body, 16, args.seconds)
+
+
+def ratio(rows: dict[str, Any], a: str, b: str, key: str) -> float | None:
+    if a in rows and b in rows and rows[a].get(key) and rows[b].get(key):
+        return float(rows[a][key]) / float(rows[b][key])
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("-n", type=int, default=500, help="requests per warm workload")
+    parser.add_argument("-n", type=int, default=500, help="requests per sequential workload")
     parser.add_argument("--cold", type=int, default=15, help="distinct expressions for the cold workload")
+    parser.add_argument("--seconds", type=int, default=8, help="duration of each wrk run")
+    parser.add_argument("--peers", action="store_true", help="also measure httpstan (make bench-peers)")
+    parser.add_argument("--memory", type=int, default=0, help="distinct expressions for the memory workload")
     args = parser.parse_args()
 
     results: dict[str, Any] = {
@@ -132,51 +292,50 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "workloads": {},
     }
-    rows = results["workloads"]
-
-    echo_port, port = free_port(), free_port()
-    python = sys.executable
-    echo = [python, "-m", "uvicorn", "bench.echo_app:app", "--port", str(echo_port), "--log-level", "warning"]
-    serve = [python, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    body = {"x": X10}
-    with server(echo, echo_port, "/healthz") as echo_url, httpx.Client(base_url=echo_url) as client:
-        rows["http floor (FastAPI echo)"] = summary(
-            timed(lambda: client.post("/echo", json=body).raise_for_status(), args.n)
-        )
-
-    env = {"TAPESERVE_WORKERS": "1"}
-    with server(serve, port, "/readyz", env) as url, httpx.Client(base_url=url, timeout=60) as client:
-
-        def post(payload: dict[str, Any]) -> None:
-            client.post("/v1/gradient", json=payload).raise_for_status()
-
-        grad = {"expression": ROSEN, "variables": {"x": X10}, "dtype": "float64"}
-        hess = {**grad, "derivatives": ["gradient", "hessian"]}
-        rows["tapeserve rosen10 gradient (warm)"] = summary(timed(lambda: post(grad), args.n))
-        rows["tapeserve rosen10 gradient+hessian (warm)"] = summary(timed(lambda: post(hess), args.n))
-        counter = iter(range(10**9))
-        rows["tapeserve rosen10 gradient+hessian (cold)"] = summary(
-            timed(lambda: post({**hess, "expression": f"{ROSEN} + {next(counter)}"}), args.cold, warmup=1)
-        )
-
+    rows: dict[str, Any] = results["workloads"]
+    bench_echo(args, rows)
+    bench_tapeserve(args, rows)
+    if args.peers:
+        bench_httpstan(args, rows)
+    if args.memory:
+        bench_memory(args.memory, rows)
     floor = in_process(args.n)
-    rows["in-process tf.function gradient (compute floor)"] = floor["gradient"]
-    rows["in-process tf.function gradient+hessian"] = floor["gradient+hessian"]
+    rows["in-process tf.function rosen10 gradient (compute floor)"] = floor["gradient"]
+    rows["in-process tf.function rosen10 gradient+hessian"] = floor["gradient+hessian"]
 
-    http = rows["http floor (FastAPI echo)"]["p50_ms"]
-    warm_grad = rows["tapeserve rosen10 gradient (warm)"]["p50_ms"]
-    warm_hess = rows["tapeserve rosen10 gradient+hessian (warm)"]["p50_ms"]
+    seq, hs = "tapeserve rosen10 gradient, warm, sequential", "httpstan rosen10 gradient, sequential"
     results["ratios"] = {
-        "warm gradient p50 / http floor p50": warm_grad / http,
-        "warm gradient+hessian p50 / http floor p50": warm_hess / http,
-        "warm gradient p50 - in-process p50 (ms)": warm_grad - floor["gradient"]["p50_ms"],
+        "1. warm gradient p50 / httpstan p50 (target <= 1.0)": ratio(rows, seq, hs, "p50_ms"),
+        "1. warm gradient+hessian p50 / httpstan gradient p50 (target <= 1.5)": ratio(
+            rows, "tapeserve rosen10 gradient+hessian, warm, sequential", hs, "p50_ms"
+        ),
+        "1'. warm gradient p50 / FastAPI echo p50": ratio(
+            rows, seq, "http floor: FastAPI echo, sequential", "p50_ms"
+        ),
+        "2. 16-conn throughput / httpstan (target >= 1.0)": ratio(
+            rows, "tapeserve rosen10 gradient, wrk 16 conns", "httpstan rosen10 gradient, wrk 16 conns", "rps"
+        ),
+        "5. 32-conn throughput, batching on / off": ratio(
+            rows,
+            "tapeserve rosen10 gradient, wrk 32 conns, batching on",
+            "tapeserve rosen10 gradient, wrk 32 conns, batching off",
+            "rps",
+        ),
+        "6. 1M-element round trip, JSON / base64 (target >= 5)": ratio(
+            rows, "large: 1M-element gradient, JSON lists", "large: 1M-element gradient, base64", "p50_ms"
+        ),
     }
 
-    print(f"{'workload':<52} {'p50 ms':>9} {'p99 ms':>9} {'n':>6}")
+    print(f"machine: {results['machine']}, {results['when']}")
+    print(f"{'workload':<62} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
     for name, row in rows.items():
-        print(f"{name:<52} {row['p50_ms']:>9.3f} {row['p99_ms']:>9.3f} {row['n']:>6}")
+        if "p50_ms" in row or "rps" in row:
+            p50, p99, rps = row.get("p50_ms", float("nan")), row.get("p99_ms", float("nan")), row.get("rps")
+            print(f"{name:<62} {p50:>9.3f} {p99:>9.3f} {'' if rps is None else f'{rps:>9.0f}'}")
+        else:
+            print(f"{name:<62} {json.dumps(row)}")
     for name, value in results["ratios"].items():
-        print(f"{name:<52} {value:>9.3f}")
+        print(f"{name:<72} {'n/a' if value is None else f'{value:.3f}'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
 

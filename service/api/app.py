@@ -9,12 +9,14 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.api.batching import Batcher
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.deps import GradientPool, OrjsonResponse
 from service.api.problems import install_problem_handlers
-from service.api.routes import functions, gradient, health
+from service.api.routes import functions, gradient, health, model, step, umbridge
 from service.api.schemas import TENSOR_COMPONENTS
 from service.api.settings import Settings
+from service.umbridge import UMModel, load_models_file
 
 __all__ = ["create_app"]
 
@@ -36,6 +38,12 @@ def _worker_pool(settings: Settings) -> GradientPool:
     return pool
 
 
+def _umbridge_models(settings: Settings) -> dict[str, UMModel]:
+    if settings.models is None:
+        return {}
+    return load_models_file(settings.models, settings.limits())
+
+
 def create_app(settings: Settings | None = None, *, pool: GradientPool | None = None) -> FastAPI:
     """The application; its lifespan starts the worker pool (or ``pool``, for tests) and stops it."""
     settings = settings or Settings()
@@ -44,6 +52,7 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker_pool = pool if pool is not None else _worker_pool(settings)
         app.state.pool = worker_pool
+        app.state.batcher = Batcher(worker_pool, settings.batch_window_ms / 1000.0, settings.batch_max)
         await worker_pool.start()  # returns at once; /readyz turns 200 when a worker is warm
         try:
             yield
@@ -60,10 +69,13 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.umbridge_models = _umbridge_models(settings)
     install_problem_handlers(app)
-    for module in (gradient, functions, health):
+    for module in (gradient, step, model, functions, health, umbridge):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Outside the body limit, so its 413 under /umbridge also becomes the protocol's error body.
+    app.add_middleware(umbridge.UMBridgeErrorsMiddleware)
     _add_tensor_schemas(app)
     return app
 

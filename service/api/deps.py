@@ -13,11 +13,20 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from service.api.batching import Batcher
 from service.api.problems import UnsupportedMediaType, as_tapeserve_error
 from service.api.settings import Settings
 from service.errors import TapeserveError
 
-__all__ = ["GradientPool", "JSONRequest", "OrjsonResponse", "PoolDep", "SettingsDep", "TapeserveRoute"]
+__all__ = [
+    "BatcherDep",
+    "GradientPool",
+    "JSONRequest",
+    "OrjsonResponse",
+    "PoolDep",
+    "SettingsDep",
+    "TapeserveRoute",
+]
 
 log = logging.getLogger("tapeserve.api")
 
@@ -27,6 +36,9 @@ class GradientPool(Protocol):
 
     @property
     def ready(self) -> bool: ...
+
+    @property
+    def idle_workers(self) -> int: ...
 
     async def start(self) -> None: ...
 
@@ -90,5 +102,11 @@ async def get_pool(request: Request) -> GradientPool:
     return pool
 
 
+async def get_batcher(request: Request) -> Batcher:
+    batcher: Batcher = request.app.state.batcher
+    return batcher
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
 PoolDep = Annotated[GradientPool, Depends(get_pool)]

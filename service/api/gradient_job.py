@@ -7,7 +7,6 @@ reach a worker: names, shapes of tangents and batches, element limits, and the w
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 from service.api.schemas import GradientRequest
 from service.engine.jobs import GradientJob, GradientResult
 from service.errors import InvalidRequest, LimitExceeded, ShapeError
-from service.expr import build_program
+from service.expr.program import check_program
 from service.limits import Limits
 from service.tensorcodec import Encoding, decode_tensor, encode_tensor
 
@@ -44,21 +43,7 @@ def build_gradient_job(request: GradientRequest, limits: Limits) -> GradientJob:
         for name, spec in request.functions.items()
     }
     # Text first: parsing is cheap and catches most mistakes (and all hostile text) before tensors are read.
-    _check_program(
-        request.expression,
-        tuple(variables_names),
-        tuple(request.constants),
-        tuple(
-            (
-                name,
-                tuple(spec.params),
-                spec.body,
-                None if spec.gradient is None else tuple(spec.gradient.items()),
-            )
-            for name, spec in request.functions.items()
-        ),
-        limits,
-    )
+    check_program(request.expression, variables_names, list(request.constants), functions, limits)
 
     dtype = request.dtype
     cap = limits.max_input_elements
@@ -93,26 +78,6 @@ def build_gradient_job(request: GradientRequest, limits: Limits) -> GradientJob:
         batch=request.batch,
         dtype=dtype,
     )
-
-
-# Repeated requests repeat their text; checking it again would cost ~1 ms of parsing each time.
-_CHECKED_PROGRAMS = 1024
-
-
-@functools.lru_cache(maxsize=_CHECKED_PROGRAMS)
-def _check_program(
-    expression: str,
-    variables: tuple[str, ...],
-    constants: tuple[str, ...],
-    functions: tuple[tuple[str, tuple[str, ...], str, tuple[tuple[str, str], ...] | None], ...],
-    limits: Limits,
-) -> None:
-    """build_program for its errors; only programs that pass are remembered (lru_cache keeps no errors)."""
-    specs = {
-        name: {"params": list(params), "body": body, "gradient": None if gradient is None else dict(gradient)}
-        for name, params, body, gradient in functions
-    }
-    build_program(expression, variables, constants, specs, limits)
 
 
 def _check_names(

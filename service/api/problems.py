@@ -75,11 +75,22 @@ def problem_response(
     return ProblemResponse(body, status_code=error.status, headers=out)
 
 
-def _field_path(loc: Sequence[Any]) -> str:
+def _field_path(loc: Sequence[Any], body: Any = None) -> str:
+    """pydantic's error location as a request path, e.g. ``model.layers[1].units``.
+
+    Walking the body alongside drops the tags pydantic inserts for discriminated unions (the
+    ``dense`` in ``layers[1].dense.units``): they name the union member, not a field.
+    """
     parts = list(loc[1:] if loc and loc[0] == "body" else loc)
-    path = ""
+    path, node = "", body
     for part in parts:
+        if isinstance(node, dict) and isinstance(part, str) and part not in node and node.get("type") == part:
+            continue
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        try:
+            node = node[part] if isinstance(node, dict | list) else None
+        except (KeyError, IndexError, TypeError):
+            node = None
     return path or "body"
 
 
@@ -95,7 +106,7 @@ def _from_validation(exc: RequestValidationError) -> TapeserveError:
     # Never echo `input`: it is user data and may be megabytes.
     listed = [
         {
-            "field": _field_path(err.get("loc", ())),
+            "field": _field_path(err.get("loc", ()), getattr(exc, "body", None)),
             "message": str(err.get("msg", "")),
             "type": err.get("type"),
         }

@@ -206,6 +206,10 @@ class Liveness(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "starting"]
     pool: dict[str, Any] = Field(description="The worker pool's status: workers, queue depth, in flight.")
+    batching: dict[str, int] = Field(
+        default_factory=dict,
+        description="Dynamic batching so far: stacked calls and the requests they carried.",
+    )
 
 
 class Problem(BaseModel):

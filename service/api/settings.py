@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TYPE_CHECKING, Literal, Self
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,21 @@ class Settings(BaseSettings):
     # Matches the default request deadline, so an in-flight request can always finish.
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="Time to finish in-flight work on stop.")
 
+    # --- dynamic batching
+    # 2 ms: long enough for concurrent clients' requests to meet, short next to a round trip; 0 turns
+    # batching off. A request finding a worker idle is sent at once and never waits.
+    batch_window_ms: float = Field(
+        2.0, ge=0, le=100, description="Dynamic batching window, ms (0: off); idle workers never wait."
+    )
+    # 64 small problems stacked cost about as much as 3 single calls; more buys little.
+    batch_max: int = Field(64, ge=2, le=1024, description="Most requests run as one vectorized call.")
+
+    # --- UM-Bridge
+    # None: /umbridge serves only the generic `expression` model, defined by each request's config.
+    models: Path | None = Field(
+        None, description="UM-Bridge models file (YAML, or JSON if it ends in .json) served under /umbridge."
+    )
+
     # --- request limits (defaults and their reasons live in service/limits.py)
     max_body_bytes: int = Field(
         _DEFAULT_LIMITS.max_body_bytes,
@@ -111,6 +127,15 @@ class Settings(BaseSettings):
     max_batch: int = Field(
         _DEFAULT_LIMITS.max_batch, ge=1, description="Most points along the batch axis when `batch` is true."
     )
+    max_params: int = Field(
+        _DEFAULT_LIMITS.max_params, ge=1, description="Most parameters (weights) in a model spec."
+    )
+    max_layers: int = Field(
+        _DEFAULT_LIMITS.max_layers, ge=1, le=10_000, description="Most layers in a model spec."
+    )
+    max_steps: int = Field(
+        _DEFAULT_LIMITS.max_steps, ge=1, description="Most optimizer steps in one train-step or step request."
+    )
 
     @field_validator("devices")
     @classmethod
@@ -122,6 +147,20 @@ class Settings(BaseSettings):
         if not all(items):
             raise ValueError(f"empty entry in {value!r}; list devices as 'cpu' or e.g. '0,1'")
         return ",".join(items)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _models_file_valid(self) -> Self:
+        # Loaded here so a broken models file stops start-up with its message; the app loads it again.
+        if self.models is not None:
+            from service.umbridge import load_models_file
+
+            load_models_file(self.models, self.limits())  # ModelsFileError is a ValueError
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -7,16 +7,25 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult, Job, Result
+from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult, Job, Result, StackedGradientJob
 
 if TYPE_CHECKING:
     from service.limits import Limits
 
-__all__ = ["DERIVATIVES", "GradientJob", "GradientResult", "Job", "Result", "execute"]
+__all__ = ["DERIVATIVES", "GradientJob", "GradientResult", "Job", "Result", "StackedGradientJob", "execute"]
 
 
-def execute(job: Job, limits: Limits | None = None) -> Result:
-    """Run one job to its result (raises service.errors.TapeserveError for user errors)."""
-    from service.engine.runner import run  # TensorFlow is imported here, in the worker only
+def execute(job: Job | StackedGradientJob, limits: Limits | None = None) -> Result | list[GradientResult]:
+    """Run one job to its result (raises service.errors.TapeserveError for user errors).
 
-    return run(job, limits)
+    A StackedGradientJob (dynamic batching) gives one GradientResult per stacked job.
+    """
+    # TensorFlow is imported here, in the worker only.
+    if isinstance(job, GradientJob | StackedGradientJob):
+        from service.engine.runner import run
+
+        result: Result | list[GradientResult] = run(job, limits)
+        return result
+    from service.engine.training import run_training_job
+
+    return run_training_job(job, limits)

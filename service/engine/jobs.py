@@ -11,7 +11,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DERIVATIVES", "GradientJob", "GradientResult", "Job", "Result"]
+__all__ = [
+    "DERIVATIVES",
+    "StackedGradientJob",
+    "ExpressionStepJob",
+    "ExpressionStepResult",
+    "GradientJob",
+    "GradientResult",
+    "Job",
+    "ModelGradientJob",
+    "ModelGradientResult",
+    "Result",
+    "StepRecord",
+    "TrainStepJob",
+    "TrainStepResult",
+]
 
 DERIVATIVES = ("gradient", "jacobian", "hessian", "hvp", "jvp", "vjp")
 
@@ -71,5 +85,173 @@ class GradientResult:
     compute_ms: float = 0.0
 
 
-Job = GradientJob
-Result = GradientResult
+@dataclass(slots=True)
+class StackedGradientJob:
+    """Several GradientJobs of one signature, run as one vectorized call (dynamic batching).
+
+    The worker answers with a list of GradientResults, one per job, in order.
+    """
+
+    jobs: list[GradientJob]
+
+    def signature(self) -> str:
+        return "stacked|" + self.jobs[0].signature()
+
+
+def _array_shapes(arrays: list[np.ndarray] | None) -> str:
+    return "-" if arrays is None else ",".join(str(list(a.shape)) for a in arrays)
+
+
+def _plain(value: Any) -> str:
+    """A stable text form of plain spec data (dicts keep insertion order, which the API fixes)."""
+    return repr(value)
+
+
+@dataclass(slots=True)
+class ModelGradientJob:
+    """Loss, gradients (weights and/or inputs), HVP, saliency or adversarial inputs of a model spec."""
+
+    model: dict[str, Any]  # the spec as plain data, every default filled in
+    x: np.ndarray
+    y: np.ndarray | None
+    weights: list[np.ndarray] | None  # Keras get_weights() order; None: initialized from the spec's seed
+    loss: dict[str, Any]  # {"type": ..., "from_logits": ..., "delta": ...}
+    wrt: tuple[str, ...] = ("weights",)  # any of "weights", "inputs"
+    tangents: list[np.ndarray] | None = None  # HVP w.r.t. weights, one per weight
+    saliency: bool = False
+    adversarial: dict[str, Any] | None = None  # {"method", "epsilon", "steps", "step_size", "clip_min", ...}
+    training: bool = False
+    dtype: str = "float32"
+
+    def signature(self) -> str:
+        """What the compiled model program depends on (batch size excluded: traced with a free batch axis)."""
+        return "|".join(
+            [
+                "model-gradient",
+                _plain(self.model),
+                str(list(self.x.shape[1:])),
+                "-" if self.y is None else str(list(self.y.shape[1:])),
+                _plain(self.loss),
+                ",".join(self.wrt),
+                str(self.tangents is not None),
+                str(self.saliency),
+                "adversarial" if self.adversarial is not None else "-",
+                str(self.training),
+                self.dtype,
+            ]
+        )
+
+
+@dataclass(slots=True)
+class ModelGradientResult:
+    loss: float
+    data_loss: float
+    regularization_loss: float
+    weights: list[np.ndarray] | None = None  # when the request gave none: the seeded initial weights
+    weight_gradients: list[np.ndarray] | None = None
+    input_gradients: np.ndarray | None = None
+    saliency: np.ndarray | None = None
+    hvp: list[np.ndarray] | None = None
+    x_adv: np.ndarray | None = None
+    adversarial_loss: float | None = None
+    cache: str = "miss"
+    compute_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class TrainStepJob:
+    """k clipped optimizer steps of a model spec on one batch, from given weights and optimizer state."""
+
+    model: dict[str, Any]
+    x: np.ndarray
+    y: np.ndarray | None
+    weights: list[np.ndarray] | None
+    optimizer: dict[str, Any]  # {"type": ..., hyper-parameters}, every default filled in
+    optimizer_state: list[np.ndarray] | None  # None: a fresh optimizer
+    loss: dict[str, Any]
+    clip: dict[str, float] | None = None  # {"value": c} | {"norm": c} | {"global_norm": c}
+    objective: dict[str, Any] = field(default_factory=lambda: {"type": "supervised"})
+    actions: np.ndarray | None = None  # reinforce
+    returns: np.ndarray | None = None  # reinforce
+    steps: int = 1
+    return_gradients: bool = False
+    dtype: str = "float32"
+
+    def signature(self) -> str:
+        """What the compiled step depends on: spec, per-example shapes, optimizer, clip, objective, loss."""
+        return "|".join(
+            [
+                "train-step",
+                _plain(self.model),
+                str(list(self.x.shape[1:])),
+                "-" if self.y is None else str(list(self.y.shape[1:])),
+                _plain(self.optimizer),
+                _plain(self.clip),
+                _plain(self.objective),
+                _plain(self.loss),
+                self.dtype,
+            ]
+        )
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """One optimizer step: the loss before it and the gradient norms it used."""
+
+    loss: float
+    data_loss: float
+    regularization_loss: float
+    gradient_norm: float
+    clipped_gradient_norm: float
+
+
+@dataclass(slots=True)
+class TrainStepResult:
+    history: list[StepRecord]  # one per step; the last one is the response's top level
+    weights: list[np.ndarray]
+    optimizer_state: list[np.ndarray]
+    gradients: list[np.ndarray] | None = None  # of the last step, before clipping
+    cache: str = "miss"
+    compute_ms: float = 0.0
+
+
+@dataclass(slots=True)
+class ExpressionStepJob:
+    """k clipped optimizer steps minimizing a scalar expression over its variables."""
+
+    expression: str
+    variables: dict[str, np.ndarray]
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    functions: dict[str, dict[str, Any]] = field(default_factory=dict)
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"type": "sgd"})
+    optimizer_state: list[np.ndarray] | None = None
+    clip: dict[str, float] | None = None
+    steps: int = 1
+    dtype: str = "float32"
+
+    def signature(self) -> str:
+        return "|".join(
+            [
+                "expression-step",
+                self.expression,
+                _plain(list(self.functions.items())),
+                ",".join(f"{k}{list(v.shape)}" for k, v in self.variables.items()),
+                ",".join(f"{k}{list(v.shape)}" for k, v in self.constants.items()),
+                _plain(self.optimizer),
+                _plain(self.clip),
+                self.dtype,
+            ]
+        )
+
+
+@dataclass(slots=True)
+class ExpressionStepResult:
+    history: list[StepRecord]  # loss = the expression's value before each step
+    variables: dict[str, np.ndarray]
+    optimizer_state: list[np.ndarray]
+    cache: str = "miss"
+    compute_ms: float = 0.0
+
+
+Job = GradientJob | ModelGradientJob | TrainStepJob | ExpressionStepJob
+Result = GradientResult | ModelGradientResult | TrainStepResult | ExpressionStepResult

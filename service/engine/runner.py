@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult
+from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult, StackedGradientJob
 from service.errors import (
     EvaluationError,
     InvalidRequest,
@@ -32,6 +32,9 @@ from service.limits import Limits
 __all__ = ["TapeProgram", "cache_info", "run"]
 
 _ZERO = tf.UnconnectedGradients.ZERO
+# The most requests one stacked call may carry (the API's batcher sends at most this many); it
+# scales the element limit checks, which see one request's shapes while tracing.
+_MAX_STACK = 1024
 _DTYPES = {"float32": tf.float32, "float64": tf.float64}
 
 
@@ -43,6 +46,7 @@ class TapeProgram:
     inputs: tuple[tuple[str, str], ...]  # (group, name): group in variables/constants/tangents/cotangent
     outputs: tuple[str, ...]
     compile_ms: float
+    stacked: bool = False  # every input has a leading axis of independent requests
 
 
 class _ProgramCache:
@@ -83,35 +87,73 @@ def cache_info() -> dict[str, int]:
     }
 
 
-def run(job: GradientJob, limits: Limits | None = None) -> GradientResult:
-    """Compute a job's value and derivatives, compiling (and caching) its program on first sight."""
+def run(job: GradientJob | StackedGradientJob, limits: Limits | None = None) -> Any:
+    """Compute a job's value and derivatives, compiling (and caching) its program on first sight.
+
+    A StackedGradientJob (dynamic batching: several requests of one signature) gives one
+    GradientResult per request, from one vectorized call.
+    """
     limits = limits or Limits()
+    if isinstance(job, StackedGradientJob):
+        return _run_stacked(job, limits)
     if not isinstance(job, GradientJob):
         raise InvalidRequest(f"unknown job type {type(job).__name__}")
-    key = job.signature()
-    program = _CACHE.get(key)
-    cache = "hit"
-    if program is None:
-        cache = "miss"
-        program = _compile(job, limits)
-        _CACHE.put(key, program)
-    dtype = np.float32 if job.dtype == "float32" else np.float64
+    program, cache = _program(job, limits, stacked=False)
     start = time.perf_counter()
+    arrays = _call(program, job, [job])
+    compute_ms = (time.perf_counter() - start) * 1000.0
+    return _result(job, arrays, cache, compute_ms)
+
+
+def _program(job: GradientJob, limits: Limits, stacked: bool) -> tuple[TapeProgram, str]:
+    key = ("stacked|" if stacked else "") + job.signature()
+    program = _CACHE.get(key)
+    if program is not None:
+        return program, "hit"
+    program = _compile(job, limits, stacked=stacked)
+    _CACHE.put(key, program)
+    return program, "miss"
+
+
+def _call(program: TapeProgram, first: GradientJob, jobs: list[GradientJob]) -> dict[str, np.ndarray]:
+    """Feed the jobs' arrays (stacked along a new axis when there are several) to a program."""
+    dtype = np.float32 if first.dtype == "float32" else np.float64
     args = []
     for group, name in program.inputs:
-        array = job.cotangent if group == "cotangent" else getattr(job, group)[name]
-        args.append(tf.constant(np.asarray(array, dtype)))
+        arrays = [
+            np.asarray(j.cotangent if group == "cotangent" else getattr(j, group)[name], dtype) for j in jobs
+        ]
+        args.append(tf.constant(np.stack(arrays) if program.stacked else arrays[0]))
     try:
         outputs = program.call(*args)
-        arrays = {k: v.numpy() for k, v in zip(program.outputs, outputs, strict=True)}
+        return {k: v.numpy() for k, v in zip(program.outputs, outputs, strict=True)}
     except tf.errors.InvalidArgumentError as exc:
         raise EvaluationError(f"the computation failed for these values: {_runtime_message(exc)}") from None
-    compute_ms = (time.perf_counter() - start) * 1000.0
+
+
+def _result(job: GradientJob, arrays: dict[str, np.ndarray], cache: str, compute_ms: float) -> GradientResult:
     wrt = list(job.wrt) if job.wrt else list(job.variables)
     result = _unflatten(arrays, wrt[0] if wrt else None)
     result.cache = cache
     result.compute_ms = compute_ms
     return result
+
+
+def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientResult]:
+    if not 1 <= len(stacked.jobs) <= _MAX_STACK:
+        raise InvalidRequest(f"a stacked job carries 1 to {_MAX_STACK} jobs, not {len(stacked.jobs)}")
+    first = stacked.jobs[0]
+    key = first.signature()
+    if any(j.signature() != key for j in stacked.jobs[1:]):
+        raise InvalidRequest("a stacked job mixes programs of different signatures")
+    program, cache = _program(first, limits, stacked=True)
+    start = time.perf_counter()
+    arrays = _call(program, first, stacked.jobs)
+    compute_ms = (time.perf_counter() - start) * 1000.0 / len(stacked.jobs)
+    return [
+        _result(job, {k: v[i] for k, v in arrays.items()}, cache, compute_ms)
+        for i, job in enumerate(stacked.jobs)
+    ]
 
 
 def _runtime_message(exc: tf.errors.OpError) -> str:
@@ -204,7 +246,7 @@ def _validate(job: GradientJob, limits: Limits) -> tuple[list[str], set[str]]:
     return wrt, derivatives
 
 
-def _compile(job: GradientJob, limits: Limits) -> TapeProgram:
+def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapeProgram:
     wrt, derivatives = _validate(job, limits)
     program = build_program(job.expression, list(job.variables), list(job.constants), job.functions, limits)
     dtype = _DTYPES[job.dtype]
@@ -223,7 +265,9 @@ def _compile(job: GradientJob, limits: Limits) -> TapeProgram:
     for group, name in inputs:
         array = job.cotangent if group == "cotangent" else getattr(job, group)[name]
         assert array is not None
-        specs.append(tf.TensorSpec(array.shape, dtype, name=f"{group}_{name}"[:60]))
+        # Stacked programs take any number of requests along a new leading axis: traced once.
+        shape = [None, *array.shape] if stacked else list(array.shape)
+        specs.append(tf.TensorSpec(shape, dtype, name=f"{group}_{name}"[:60]))
 
     nv, nc, nt = len(var_names), len(const_names), len(tangent_names)
 
@@ -232,6 +276,19 @@ def _compile(job: GradientJob, limits: Limits) -> TapeProgram:
         constants = list(tensors[nv : nv + nc])
         tangents = list(tensors[nv + nc : nv + nc + nt])
         cotangent = tensors[-1] if use_cot else None
+        if stacked:
+
+            def request(elems: tuple[list[Any], list[Any], list[Any], Any]) -> dict[str, Any]:
+                rv, rc, rt, rcot = elems
+                return _tape_program(
+                    program, job, limits, wrt, derivatives, dtype,
+                    rv, rc, rt, rcot, var_names, const_names, _MAX_STACK,
+                )  # fmt: skip
+
+            cot = cotangent if cotangent is not None else tf.zeros(tf.shape(tensors[0])[:1], dtype)
+            return tf.vectorized_map(  # type: ignore[no-any-return]
+                request, (variables, constants, tangents, cot), fallback_to_while_loop=True
+            )
         if not job.batch:
             return _tape_program(
                 program,
@@ -284,7 +341,7 @@ def _compile(job: GradientJob, limits: Limits) -> TapeProgram:
     compile_ms = (time.perf_counter() - start) * 1000.0
     # Outputs flatten in sorted-key order (tf.nest's rule for dicts).
     outputs = tuple(sorted(concrete.structured_outputs))
-    return TapeProgram(_flat_caller(concrete), tuple(inputs), outputs, compile_ms)
+    return TapeProgram(_flat_caller(concrete), tuple(inputs), outputs, compile_ms, stacked)
 
 
 def _flat_caller(concrete: Any) -> Callable[..., Sequence[Any]]:

@@ -1,4 +1,4 @@
-"""Called once in each worker before it reports ready: imports TensorFlow and runs a tiny program."""
+"""Called once in each worker before it reports ready: imports TensorFlow and Keras, runs a tiny program."""
 
 from __future__ import annotations
 
@@ -12,3 +12,5 @@ def warmup() -> None:
     # One small gradient+Hessian pulls in TF's kernels and tracing machinery (~1 s), so the first
     # real request does not pay for it.
     execute(GradientJob("sum(x**2)", {"x": np.zeros(2, np.float32)}, derivatives=("gradient", "hessian")))
+    # Keras takes seconds to import; the first model request should not wait for it.
+    import service.models.keras_build  # noqa: F401

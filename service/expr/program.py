@@ -8,6 +8,7 @@ inlining user functions, so the API rejects bad programs before any worker is in
 from __future__ import annotations
 
 import difflib
+import functools
 import keyword
 import math
 from collections.abc import Mapping, Sequence
@@ -36,7 +37,15 @@ from service.expr.functions import (
 from service.expr.parser import parse_expression
 from service.limits import Limits
 
-__all__ = ["BoundCall", "FunctionDef", "Program", "bind_builtin", "build_program", "is_identifier"]
+__all__ = [
+    "BoundCall",
+    "FunctionDef",
+    "Program",
+    "bind_builtin",
+    "build_program",
+    "check_program",
+    "is_identifier",
+]
 
 # Static integers (axes, shapes, counts) are bounded so no user text becomes Python big-int work.
 _MAX_STATIC_INT = 2**31 - 1
@@ -471,3 +480,45 @@ def _too_many_nodes(count: int, limits: Limits, where: str) -> LimitExceeded:
         allowed=limits.max_syntax_nodes,
         source=where,
     )
+
+
+# Repeated requests repeat their text; checking it again would cost ~1 ms of parsing each time.
+_CHECKED_PROGRAMS = 1024
+
+
+def check_program(
+    expression: str,
+    variables: Sequence[str],
+    constants: Sequence[str] = (),
+    functions: Mapping[str, Mapping[str, Any]] | None = None,
+    limits: Limits | None = None,
+) -> None:
+    """``build_program`` for its errors alone, remembering programs that passed (errors are not cached)."""
+    frozen = tuple(
+        (
+            name,
+            tuple(spec.get("params") or ()),
+            spec.get("body"),
+            None if spec.get("gradient") is None else tuple(dict(spec["gradient"]).items()),
+        )
+        for name, spec in (functions or {}).items()
+    )
+    try:
+        _check_cached(expression, tuple(variables), tuple(constants), frozen, limits or Limits())
+    except TypeError:  # something unhashable in a malformed spec: check it uncached for its error
+        build_program(expression, variables, constants, functions, limits)
+
+
+@functools.lru_cache(maxsize=_CHECKED_PROGRAMS)
+def _check_cached(
+    expression: str,
+    variables: tuple[str, ...],
+    constants: tuple[str, ...],
+    functions: tuple[tuple[str, tuple[str, ...], Any, tuple[tuple[str, Any], ...] | None], ...],
+    limits: Limits,
+) -> None:
+    specs = {
+        name: {"params": list(params), "body": body, "gradient": None if gradient is None else dict(gradient)}
+        for name, params, body, gradient in functions
+    }
+    build_program(expression, variables, constants, specs, limits)

@@ -16,7 +16,6 @@ What ``run`` raises, besides the handler's own TapeserveError rebuilt in the par
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import multiprocessing
@@ -92,7 +91,6 @@ class _Incarnation:
     outbox: queue.SimpleQueue[transport.Frames | None] = field(default_factory=queue.SimpleQueue)
     # Held by whoever writes to the pipe (the loop for small messages, the writer thread for large).
     write_lock: threading.Lock = field(default_factory=threading.Lock)
-    reaping: bool = False  # its pipe closed and a thread is waiting for the process to exit
     spawned_at: float = field(default_factory=time.monotonic)
     ready: bool = False
     jobs: int = 0
@@ -164,6 +162,13 @@ class WorkerPool:
             except TimeoutError:
                 return self.ready
         return True
+
+    @property
+    def idle_workers(self) -> int:
+        """Workers that would take a job at once (none while jobs are queued): the batcher's signal."""
+        if self._queue:
+            return 0
+        return sum(1 for worker in self._workers if worker.state == IDLE)
 
     async def run(self, job: Any, *, timeout_s: float | None = None, affinity: str | None = None) -> Any:
         """The handler's result for ``job``, computed in a worker within the deadline.
@@ -398,13 +403,15 @@ class WorkerPool:
         worker.incarnation = incarnation
         worker.state = STARTING
         worker.recent.clear()  # a new process has an empty program cache
-        self._running_loop().add_reader(parent_conn.fileno(), self._on_readable, worker, incarnation)
-        threading.Thread(
-            target=self._write_loop,
-            args=(worker, incarnation),
-            name=f"tapeserve-worker-{worker.id}-writer",
-            daemon=True,
-        ).start()
+        # Reads stay on a thread with a blocking socket: an event loop's poll (libuv's in uvloop)
+        # switches the descriptor to non-blocking, and a reply written in parts then reads as EAGAIN.
+        for role, target in (("reader", self._read_loop), ("writer", self._write_loop)):
+            threading.Thread(
+                target=target,
+                args=(worker, incarnation),
+                name=f"tapeserve-worker-{worker.id}-{role}",
+                daemon=True,
+            ).start()
 
     def _retire(self, worker: _Worker, cause: str) -> None:
         """Ask an idle worker to exit; it is replaced when its exit is seen."""
@@ -521,66 +528,23 @@ class WorkerPool:
             return
         incarnation.outbox.put(frames)
 
-    def _on_readable(self, worker: _Worker, incarnation: _Incarnation) -> None:
-        """The loop reads each reply's first frame itself; a large reply's buffers are read in a thread."""
-        conn = incarnation.conn
+    def _read_loop(self, worker: _Worker, incarnation: _Incarnation) -> None:
         try:
-            head = conn.recv_bytes()
+            while True:
+                message = transport.receive(incarnation.conn)
+                if not self._post(self._on_message, worker, incarnation, message):
+                    break
         except (EOFError, OSError):
-            self._stop_reading(worker, incarnation)
-            return
-        if transport.is_inline(head):
-            self._deliver(worker, incarnation, lambda: transport.decode(head, conn))
-            return
-        # Buffers follow as further frames: read them off the loop, then listen again.
-        self._running_loop().remove_reader(conn.fileno())
-
-        def read_rest() -> None:
-            try:
-                message = transport.decode(head, conn)
-            except (EOFError, OSError):
-                self._post(self._stop_reading, worker, incarnation)
-                return
-            except Exception:
-                log.exception("worker %d sent an unreadable message; killing it", worker.id)
-                _kill_quietly(incarnation.process)
-                self._post(self._stop_reading, worker, incarnation)
-                return
-            self._post(self._resume_reading, worker, incarnation, message)
-
-        threading.Thread(target=read_rest, name=f"tapeserve-worker-{worker.id}-reader", daemon=True).start()
-
-    def _deliver(self, worker: _Worker, incarnation: _Incarnation, decode: Callable[[], Any]) -> None:
-        try:
-            message = decode()
+            pass  # the child exited or died: the normal end of this thread
         except Exception:
             log.exception("worker %d sent an unreadable message; killing it", worker.id)
             _kill_quietly(incarnation.process)
-            return
-        self._on_message(worker, incarnation, message)
-
-    def _resume_reading(self, worker: _Worker, incarnation: _Incarnation, message: Any) -> None:
-        if not incarnation.conn.closed:
-            self._running_loop().add_reader(incarnation.conn.fileno(), self._on_readable, worker, incarnation)
-        self._on_message(worker, incarnation, message)
-
-    def _stop_reading(self, worker: _Worker, incarnation: _Incarnation) -> None:
-        """The pipe closed: the child exited or died. Reap it off the loop, then report the exit."""
-        if incarnation.reaping or incarnation.conn.closed:
-            return
-        incarnation.reaping = True
-        with contextlib.suppress(ValueError, OSError):
-            self._running_loop().remove_reader(incarnation.conn.fileno())
-
-        def reap() -> None:
-            process = incarnation.process
-            process.join(_EXIT_JOIN_S)
-            if process.exitcode is None:
-                _kill_quietly(process)
-                process.join()
-            self._post(self._on_exit, worker, incarnation, process.exitcode)
-
-        threading.Thread(target=reap, name=f"tapeserve-worker-{worker.id}-reaper", daemon=True).start()
+        process = incarnation.process
+        process.join(_EXIT_JOIN_S)
+        if process.exitcode is None:
+            _kill_quietly(process)
+            process.join()
+        self._post(self._on_exit, worker, incarnation, process.exitcode)
 
     def _write_loop(self, worker: _Worker, incarnation: _Incarnation) -> None:
         while True:

@@ -26,6 +26,10 @@ class FakePool:
     def ready(self) -> bool:
         return self.is_ready
 
+    @property
+    def idle_workers(self) -> int:
+        return 1
+
     async def start(self) -> None:
         self.started = True
 

@@ -21,8 +21,20 @@ def test_operation_ids_are_stable() -> None:
     assert ids == {
         "/v1/gradient": {"post": "compute_gradient"},
         "/v1/functions": {"get": "list_functions"},
+        "/v1/model/describe": {"post": "describe_model"},
+        "/v1/model/gradient": {"post": "model_gradient"},
+        "/v1/model/train-step": {"post": "train_step"},
+        "/v1/step": {"post": "expression_step"},
         "/healthz": {"get": "check_liveness"},
         "/readyz": {"get": "check_readiness"},
+        "/umbridge/Info": {"get": "umbridge_info"},
+        "/umbridge/ModelInfo": {"post": "umbridge_model_info"},
+        "/umbridge/InputSizes": {"post": "umbridge_input_sizes"},
+        "/umbridge/OutputSizes": {"post": "umbridge_output_sizes"},
+        "/umbridge/Evaluate": {"post": "umbridge_evaluate"},
+        "/umbridge/Gradient": {"post": "umbridge_gradient"},
+        "/umbridge/ApplyJacobian": {"post": "umbridge_apply_jacobian"},
+        "/umbridge/ApplyHessian": {"post": "umbridge_apply_hessian"},
     }
     schemas = document["components"]["schemas"]
     assert {

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from service.api.deps import OrjsonResponse, PoolDep, SettingsDep, TapeserveRoute
+from service.api.deps import BatcherDep, OrjsonResponse, SettingsDep, TapeserveRoute
 from service.api.gradient_job import build_gradient_job, render_gradient_result
 from service.api.schemas import GradientRequest, GradientResponse, Problem
 from service.engine.jobs import GradientResult
@@ -46,7 +46,7 @@ def _result_elements(result: GradientResult) -> int:
 
 
 async def compute_gradient(
-    body: GradientRequest, request: Request, pool: PoolDep, settings: SettingsDep
+    body: GradientRequest, request: Request, batcher: BatcherDep, settings: SettingsDep
 ) -> OrjsonResponse:
     """Compute the value and the requested derivatives of an expression."""
     if body.timeout_s is not None and body.timeout_s > settings.request_timeout_s:
@@ -61,7 +61,7 @@ async def compute_gradient(
     else:
         job = build_gradient_job(body, limits)
     started = time.perf_counter()
-    result = await pool.run(
+    result = await batcher.run(
         job, timeout_s=body.timeout_s or settings.request_timeout_s, affinity=job.signature()
     )
     total_ms = (time.perf_counter() - started) * 1000.0

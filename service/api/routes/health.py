@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.deps import OrjsonResponse, PoolDep, TapeserveRoute
+from service.api.deps import BatcherDep, OrjsonResponse, PoolDep, TapeserveRoute
 from service.api.schemas import Liveness, Readiness
 
 __all__ = ["router"]
@@ -24,8 +24,9 @@ async def check_liveness() -> Liveness:
     response_model=Readiness,
     responses={503: {"model": Readiness, "description": "No worker is warm yet."}},
 )
-async def check_readiness(pool: PoolDep) -> OrjsonResponse:
+async def check_readiness(pool: PoolDep, batcher: BatcherDep) -> OrjsonResponse:
     """Report whether at least one worker is warm, with the pool's status."""
     ready = pool.ready
-    body = Readiness(status="ready" if ready else "starting", pool=pool.status())
+    batching = {"stacked_calls": batcher.stacked_calls, "stacked_requests": batcher.stacked_requests}
+    body = Readiness(status="ready" if ready else "starting", pool=pool.status(), batching=batching)
     return OrjsonResponse(body.model_dump(), status_code=200 if ready else 503)
