@@ -229,6 +229,66 @@ def bench_tapeserve(args: argparse.Namespace, rows: dict[str, Any]) -> None:
         )
 
 
+MLP = {"input_shape": [32], "layers": [{"type": "dense", "units": 64, "activation": "relu"},
+                                       {"type": "dense", "units": 1}], "seed": 0}  # fmt: skip
+
+
+def bench_training(args: argparse.Namespace, rows: dict[str, Any]) -> None:
+    """One Adam step with clip-by-norm on a 32-64-1 MLP, batch 64; and 500 steps in one request."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 32)), rng.normal(size=(64, 1))
+    base = {"model": MLP, "x": x.tolist(), "y": y.tolist(), "loss": "mse",
+            "optimizer": {"type": "adam", "learning_rate": 0.001}, "clip": {"norm": 1.0}}  # fmt: skip
+    argv, port, env = tapeserve({})
+    with server(argv, port, "/readyz", env) as url, httpx.Client(base_url=url, timeout=300) as client:
+        state: dict[str, Any] = client.post("/v1/model/train-step", json=base).raise_for_status().json()
+
+        def one_step() -> None:
+            body = {**base, "weights": state["weights"], "optimizer_state": state["optimizer_state"]}
+            state.update(client.post("/v1/model/train-step", json=body).raise_for_status().json())
+
+        rows["training: one Adam step (32-64-1, batch 64), sequential"] = summary(
+            timed(one_step, args.n // 2)
+        )
+        many = {**base, "steps": 500}
+        client.post("/v1/model/train-step", json=many).raise_for_status()
+        rows["training: 500 steps in one request"] = summary(
+            timed(lambda: client.post("/v1/model/train-step", json=many).raise_for_status(), 5, warmup=1)
+        )
+    rows.update(training_in_process(x, y, args.n // 2))
+
+
+def training_in_process(x: np.ndarray, y: np.ndarray, n: int) -> dict[str, Any]:
+    """The floor: the guide's custom training loop, a tf.function step in this process."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential(
+        [keras.Input((32,)), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)]
+    )
+    optimizer = keras.optimizers.Adam(learning_rate=0.001, clipnorm=1.0)
+    loss_fn = keras.losses.MeanSquaredError()
+    xt, yt = tf.constant(x, tf.float32), tf.constant(y, tf.float32)
+
+    @tf.function
+    def step(xb: Any, yb: Any) -> Any:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return loss
+
+    def loop() -> None:
+        for _ in range(500):
+            step(xt, yt)
+        float(step(xt, yt))
+
+    return {
+        "in-process: one Adam step (tf.function)": summary(timed(lambda: float(step(xt, yt)), n)),
+        "in-process: 500 steps": summary(timed(loop, 5, warmup=1)),
+    }
+
+
 def bench_memory(count: int, rows: dict[str, Any]) -> None:
     """Distinct expressions one after another: the program cache evicts, recycling bounds RSS."""
     bound_mb = 1500
@@ -274,6 +334,12 @@ def ratio(rows: dict[str, Any], a: str, b: str, key: str) -> float | None:
     return None
 
 
+def difference(rows: dict[str, Any], a: str, b: str) -> float | None:
+    if a in rows and b in rows:
+        return float(rows[a]["p50_ms"]) - float(rows[b]["p50_ms"])
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=500, help="requests per sequential workload")
@@ -295,6 +361,7 @@ def main() -> None:
     rows: dict[str, Any] = results["workloads"]
     bench_echo(args, rows)
     bench_tapeserve(args, rows)
+    bench_training(args, rows)
     if args.peers:
         bench_httpstan(args, rows)
     if args.memory:
@@ -323,6 +390,14 @@ def main() -> None:
         ),
         "6. 1M-element round trip, JSON / base64 (target >= 5)": ratio(
             rows, "large: 1M-element gradient, JSON lists", "large: 1M-element gradient, base64", "p50_ms"
+        ),
+        "8. one train step p50 - in-process step p50, ms (target <= 1.5)": difference(
+            rows,
+            "training: one Adam step (32-64-1, batch 64), sequential",
+            "in-process: one Adam step (tf.function)",
+        ),
+        "8. 500 steps in one request / in-process loop (target <= 2)": ratio(
+            rows, "training: 500 steps in one request", "in-process: 500 steps", "p50_ms"
         ),
     }
 

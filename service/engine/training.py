@@ -410,14 +410,13 @@ def _compile_step(job: TrainStepJob, limits: Limits) -> _Program:
     )
 
 
-def _record(out: dict[str, Any]) -> StepRecord:
-    return StepRecord(
-        loss=float(out["loss"]),
-        data_loss=float(out["data_loss"]),
-        regularization_loss=float(out["regularization_loss"]),
-        gradient_norm=float(out["gradient_norm"]),
-        clipped_gradient_norm=float(out["clipped_gradient_norm"]),
-    )
+def _records(outs: list[dict[str, Any]]) -> list[StepRecord]:
+    """Per-step records, read back in one transfer per quantity rather than five per step."""
+    if not outs:
+        return []
+    keys = ("loss", "data_loss", "regularization_loss", "gradient_norm", "clipped_gradient_norm")
+    columns = {k: tf.stack([o[k] for o in outs]).numpy().tolist() for k in keys}
+    return [StepRecord(**{k: float(columns[k][i]) for k in keys}) for i in range(len(outs))]
 
 
 def _train_step(job: TrainStepJob, limits: Limits) -> TrainStepResult:
@@ -435,15 +434,19 @@ def _train_step(job: TrainStepJob, limits: Limits) -> TrainStepResult:
         np.zeros([n], dtype) if job.returns is None else np.asarray(job.returns, dtype),
     ]
     iterations = program.optimizer.iterations
-    history: list[StepRecord] = []
+    outs: list[dict[str, Any]] = []
     out: dict[str, Any] = {}
     start = time.perf_counter()
+    # Converted once, not on every step of a k-step call.
+    tensors = [tf.constant(a) for a in args]
+    step = program.fns["step"]
     for _ in range(job.steps):
         # Dropout masks depend on (layer seed, iteration) only, so a step is the same however it is batched.
         for generator, seed in program.seeded:
             generator.state.assign(np.asarray([seed, int(iterations.numpy())], generator.state.dtype))
-        out = program.fns["step"](*args)
-        history.append(_record(out))
+        out = step(*tensors)
+        outs.append(out)
+    history = _records(outs)
     weights = [np.asarray(w, dtype) for w in program.model.get_weights()]
     state = kb.optimizer_state(program.optimizer, job.dtype)
     gradients = None
@@ -513,11 +516,10 @@ def _expression_step(job: ExpressionStepJob, limits: Limits) -> ExpressionStepRe
     for var, name in zip(program.variables, job.variables, strict=True):
         var.assign(np.asarray(job.variables[name], dtype))
     kb.assign_optimizer_state(program.optimizer, job.optimizer_state, program.fresh_state)
-    constants = [np.asarray(job.constants[name], dtype) for name in job.constants]
-    history: list[StepRecord] = []
+    constants = [tf.constant(np.asarray(job.constants[name], dtype)) for name in job.constants]
     start = time.perf_counter()
-    for _ in range(job.steps):
-        history.append(_record(program.fns["step"](*constants)))
+    step = program.fns["step"]
+    history = _records([step(*constants) for _ in range(job.steps)])
     return ExpressionStepResult(
         history=history,
         variables={
