@@ -363,6 +363,11 @@ def _flat_caller(concrete: Any) -> Callable[..., Sequence[Any]]:
     return public
 
 
+def _dense(grads: list[Any]) -> list[Any]:
+    """Gradients through gather come back as IndexedSlices; clients (and outer tapes) need tensors."""
+    return [tf.convert_to_tensor(g) for g in grads]
+
+
 def _check_size(count: int, batch: int, limits: Limits, what: str) -> None:
     if count * batch > limits.max_tensor_elements:
         raise LimitExceeded(
@@ -436,7 +441,7 @@ def _tape_program(
             tapes[level].__exit__(None, None, None)
             open_tapes -= 1
             if level == depth - 1:
-                grads = tapes[level].gradient(f, xs, unconnected_gradients=_ZERO)
+                grads = _dense(tapes[level].gradient(f, xs, unconnected_gradients=_ZERO))
                 chain = [grads[0]] if order else []
             elif len(chain) < order:
                 chain.append(tapes[level].jacobian(chain[-1], xs[0], unconnected_gradients=_ZERO))
@@ -456,7 +461,7 @@ def _tape_program(
                     f"shape {list(f.shape)}{per_point}",
                     field="cotangent",
                 )
-            vjp = tapes[-1].gradient(f, xs, output_gradients=cotangent, unconnected_gradients=_ZERO)
+            vjp = _dense(tapes[-1].gradient(f, xs, output_gradients=cotangent, unconnected_gradients=_ZERO))
             for name, v in zip(wrt, vjp, strict=True):
                 out[f"vjp/{name}"] = v
         if "hessian" in derivatives:
@@ -465,7 +470,9 @@ def _tape_program(
                     _check_size(_numel(ga.shape) * _numel(xb.shape), batch, limits, f"hessian block {a}, {b}")
                     out[f"hessian/{a}/{b}"] = tapes[-2].jacobian(ga, xb, unconnected_gradients=_ZERO)
         if "hvp" in derivatives:
-            hvp = tapes[-2].gradient(grads, xs, output_gradients=tangents, unconnected_gradients=_ZERO)
+            hvp = _dense(
+                tapes[-2].gradient(grads, xs, output_gradients=tangents, unconnected_gradients=_ZERO)
+            )
             for name, h in zip(wrt, hvp, strict=True):
                 out[f"hvp/{name}"] = h
         return out

@@ -264,6 +264,26 @@ def test_values_a_valid_program_cannot_take_are_evaluation_errors() -> None:
     assert execute(bad_index).value == 2.0
 
 
+@pytest.mark.parametrize("derivatives", [("gradient", "hessian"), ("vjp",), ("hvp", "jacobian")])
+def test_gradients_through_gather_are_dense(derivatives: tuple[str, ...]) -> None:
+    # TF returns IndexedSlices for gather's gradient; once they reached the client as a 500.
+    x = np.array([1.0, 2.0, 3.0])
+    result = execute(
+        job("sum(gather(x, i) ** 2)", variables={"x": x}, constants={"i": np.array([0.0, 2.0, 2.0])},
+            derivatives=derivatives, tangents={"x": np.ones(3)}, cotangent=np.array(1.0))
+    )  # fmt: skip
+    grad = np.array([2.0, 0.0, 12.0])  # d/dx of x0^2 + 2 x2^2
+    hess = np.diag([2.0, 0.0, 4.0])
+    if result.gradient is not None:
+        np.testing.assert_allclose(result.gradient["x"], grad)
+        np.testing.assert_allclose(result.hessian["x"]["x"], hess)  # type: ignore[index]
+    if result.vjp is not None:
+        np.testing.assert_allclose(result.vjp["x"], grad)
+    if result.hvp is not None:
+        np.testing.assert_allclose(result.hvp["x"], hess @ np.ones(3))
+        np.testing.assert_allclose(result.jacobian["x"], grad)  # type: ignore[index]
+
+
 def test_hessian_of_a_vector_expression_is_refused() -> None:
     with pytest.raises(ShapeError) as info:
         execute(job("x * 2", variables={"x": [1.0, 2.0]}, derivatives=("hessian",)))
