@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory
+.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-server
 	$(BIN)/tapeserve serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test /usr/bin/chromium /usr/sbin/nginx
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
@@ -48,6 +48,14 @@ openapi: $(VENV)/.installed-server
 docs: openapi
 	$(BIN)/python scripts/settings_table.py --write
 
+# Debian's Chromium for the playground's browser tests (Playwright drives it; it never downloads one).
+/usr/bin/chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+# Debian's nginx runs the repo's load-balancer config in tests/deploy (two replicas on loopback).
+/usr/sbin/nginx:
+	command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }
+
 # wrk (Debian) drives the throughput workloads.
 /usr/bin/wrk:
 	command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
@@ -66,3 +74,8 @@ bench-peers: $(VENV)/.installed-server /usr/bin/wrk bench/.peers/bin/python
 # 10,000 distinct expressions (about 10 minutes): worker RSS stays under its bound.
 bench-memory: $(VENV)/.installed-server /usr/bin/wrk
 	$(BIN)/python bench/run.py --memory 10000
+
+# 64 connections over a mixed workload for SOAK_MINUTES (default 2); fails on any unexpected answer.
+SOAK_MINUTES ?= 2
+soak: $(VENV)/.installed-server
+	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) --connections 64

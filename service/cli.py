@@ -61,12 +61,17 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValidationError, ValueError) as error:
         print(f"tapeserve: invalid configuration:\n{error}", file=sys.stderr)
         return 2
-    _configure_logging(settings.log_level)
+    from service.api.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_format)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # Logging is configured above (JSON or text); our access line carries the route and request id.
+        log_config=None,
+        access_log=False,
         # uvloop and httptools when installed (uvicorn[standard]), else asyncio and h11.
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
@@ -75,19 +80,6 @@ def _serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     return 0
-
-
-def _configure_logging(level: str) -> None:
-    """The service's own loggers ("tapeserve.*") write to stderr like uvicorn's do."""
-    import logging
-
-    logger = logging.getLogger("tapeserve")
-    logger.setLevel(level.upper())
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
 
 
 # -- client commands -------------------------------------------------------------------------------

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import BaseRoute
 
 from service.api.batching import Batcher
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.deps import GradientPool, OrjsonResponse
-from service.api.problems import install_problem_handlers
-from service.api.routes import functions, gradient, health, model, step, umbridge
+from service.api.logging import RequestContextMiddleware
+from service.api.metrics import MeteredPool, Metrics
+from service.api.metrics import router as metrics_router
+from service.api.problems import document_problem_media_type, install_problem_handlers
+from service.api.routes import functions, gradient, health, model, playground, step, umbridge
 from service.api.schemas import TENSOR_COMPONENTS
+from service.api.security import AuthMiddleware, document_api_keys
 from service.api.settings import Settings
 from service.umbridge import UMModel, load_models_file
 
@@ -47,12 +54,15 @@ def _umbridge_models(settings: Settings) -> dict[str, UMModel]:
 def create_app(settings: Settings | None = None, *, pool: GradientPool | None = None) -> FastAPI:
     """The application; its lifespan starts the worker pool (or ``pool``, for tests) and stops it."""
     settings = settings or Settings()
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        worker_pool = pool if pool is not None else _worker_pool(settings)
+        # Metered: every job's cache outcome, compute time and error code reach /metrics.
+        worker_pool = MeteredPool(pool if pool is not None else _worker_pool(settings), metrics)
         app.state.pool = worker_pool
         app.state.batcher = Batcher(worker_pool, settings.batch_window_ms / 1000.0, settings.batch_max)
+        metrics.watch(worker_pool, app.state.batcher)
         await worker_pool.start()  # returns at once; /readyz turns 200 when a worker is warm
         try:
             yield
@@ -67,17 +77,50 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
         default_response_class=OrjsonResponse,
         lifespan=lifespan,
         redoc_url=None,
+        docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN; routes/playground.py serves it locally
     )
     app.state.settings = settings
+    app.state.metrics = metrics
     app.state.umbridge_models = _umbridge_models(settings)
     install_problem_handlers(app)
-    for module in (gradient, step, model, functions, health, umbridge):
+    for module in (gradient, step, model, functions, health, umbridge, playground):
+        _summaries_from_docstrings(module.router.routes)
         app.include_router(module.router)
+    playground.mount_static(app)
+    _summaries_from_docstrings(metrics_router.routes)
+    app.include_router(metrics_router)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    # Outside the body limit (a refused client's body is never read), inside the UM-Bridge errors.
+    app.add_middleware(
+        AuthMiddleware,
+        digests=settings.api_key_digests(),
+        metrics_public=settings.metrics_public,
+        rate_limit=settings.rate_limit,
+        burst=settings.rate_limit_burst,
+    )
     # Outside the body limit, so its 413 under /umbridge also becomes the protocol's error body.
     app.add_middleware(umbridge.UMBridgeErrorsMiddleware)
+    if settings.cors_origin_list():
+        # Outside auth: preflights are answered here, and refusals carry CORS headers the page can read.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list(),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            max_age=600,  # browsers re-check the policy every 10 minutes at most
+        )
+    # Outermost: every response, including CORS and auth refusals, carries the request id.
+    app.add_middleware(RequestContextMiddleware, observer=metrics.observe_response)
     _add_tensor_schemas(app)
     return app
+
+
+def _summaries_from_docstrings(routes: Sequence[BaseRoute]) -> None:
+    """Each route's one-line docstring is its OpenAPI summary (FastAPI would use the function name)."""
+    for route in routes:
+        if isinstance(route, APIRoute) and route.summary is None and route.endpoint.__doc__:
+            route.summary = route.endpoint.__doc__.strip().splitlines()[0]
 
 
 def _add_tensor_schemas(app: FastAPI) -> None:
@@ -88,6 +131,8 @@ def _add_tensor_schemas(app: FastAPI) -> None:
         if app.openapi_schema is None:
             schema = generate()
             schema.setdefault("components", {}).setdefault("schemas", {}).update(TENSOR_COMPONENTS)
+            document_problem_media_type(schema)
+            document_api_keys(schema, metrics_public=app.state.settings.metrics_public)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.api.logging import current_request_id
 from service.errors import InvalidRequest, MalformedJSON, Overloaded, TapeserveError
 
 __all__ = [
@@ -65,9 +66,12 @@ class ProblemResponse(Response):
 def problem_response(
     error: TapeserveError, instance: str, headers: Mapping[str, str] | None = None
 ) -> Response:
-    """The one rendering of an error: its problem members plus the request path as ``instance``."""
+    """The one rendering of an error: its problem members, the request path as ``instance`` and its id."""
     body = error.to_dict()
     body["instance"] = instance
+    request_id = current_request_id()
+    if request_id is not None:
+        body["request_id"] = request_id
     out = dict(headers or {})
     if isinstance(error, Overloaded):
         retry_after = getattr(error, "retry_after", None) or body.pop("retry_after", None) or 1
@@ -144,6 +148,18 @@ async def _handle(request: Request, exc: Exception) -> Response:
     if isinstance(exc, StarletteHTTPException) and exc.headers:
         headers.update({k: v for k, v in exc.headers.items() if k.lower() == "allow"})
     return problem_response(as_tapeserve_error(exc, request.url.path), request.url.path, headers)
+
+
+def document_problem_media_type(openapi: dict[str, Any]) -> None:
+    """Document error responses that use the Problem schema as application/problem+json, as they are sent."""
+    ref = "#/components/schemas/Problem"
+    for operations in openapi.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                schema = content.get("application/json", {}).get("schema", {})
+                if status[:1] in "45" and schema.get("$ref") == ref:
+                    content[PROBLEM_MEDIA_TYPE] = content.pop("application/json")
 
 
 def install_problem_handlers(app: FastAPI) -> None:

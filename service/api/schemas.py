@@ -223,3 +223,4 @@ class Problem(BaseModel):
     detail: str
     code: str
     instance: str
+    request_id: str | None = Field(None, description="The request's id, as in the X-Request-ID header.")

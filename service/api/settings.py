@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.limits import Limits
@@ -24,8 +24,9 @@ LIMIT_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Limits)
 class Settings(BaseSettings):
     """Every setting of the server; environment variables are the field names prefixed with TAPESERVE_."""
 
+    # env_ignore_empty: TAPESERVE_X="" means unset (the default), as compose's ${TAPESERVE_X:-} passes it.
     model_config = SettingsConfigDict(
-        env_prefix="TAPESERVE_", extra="forbid", frozen=True, validate_default=True
+        env_prefix="TAPESERVE_", extra="forbid", frozen=True, validate_default=True, env_ignore_empty=True
     )
 
     # --- HTTP server
@@ -78,6 +79,30 @@ class Settings(BaseSettings):
     models: Path | None = Field(
         None, description="UM-Bridge models file (YAML, or JSON if it ends in .json) served under /umbridge."
     )
+
+    # --- operations and security (service/api/security.py, metrics.py, logging.py)
+    # None: no authentication, the loopback development default; any deployment sets keys.
+    api_keys: SecretStr | None = Field(
+        None, description="API keys, comma-separated; when set, /v1 and /umbridge need one (Bearer)."
+    )
+    # Hashed so the file can be shared with config management without leaking the keys themselves.
+    api_keys_file: Path | None = Field(
+        None, description="File of accepted keys as sha256 hex digests, one per line (# comments)."
+    )
+    # None: unlimited; a key's sustained rate, refilled continuously (token bucket).
+    rate_limit: float | None = Field(
+        None, gt=0, le=1_000_000, description="Requests per second per API key (unset: no limit)."
+    )
+    # 20: a client's short burst (a page of concurrent calls) passes; only sustained excess is refused.
+    rate_limit_burst: int = Field(20, ge=1, le=1_000_000, description="Requests a key may send at once.")
+    # None: no CORS headers, so browsers allow only same-origin pages (the built-in playground).
+    cors_origins: str | None = Field(
+        None, description='Origins allowed by CORS, comma-separated, or "*" (unset: CORS off).'
+    )
+    # False: metrics reveal traffic and load, so they need a key like the API when keys are set.
+    metrics_public: bool = Field(False, description="Serve /metrics without a key even when keys are set.")
+    # JSON lines are what log shippers parse; "text" is easier on a terminal.
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects or as text.")
 
     # --- request limits (defaults and their reasons live in service/limits.py)
     max_body_bytes: int = Field(
@@ -161,6 +186,28 @@ class Settings(BaseSettings):
 
             load_models_file(self.models, self.limits())  # ModelsFileError is a ValueError
         return self
+
+    @field_validator("api_keys", "cors_origins", "api_keys_file", mode="before")
+    @classmethod
+    def _blank_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _api_keys_valid(self) -> Self:
+        # Read here so a malformed keys file stops start-up with its message (never echoing a line).
+        self.api_key_digests()
+        return self
+
+    def api_key_digests(self) -> frozenset[bytes]:
+        """The sha256 digests of every accepted key (empty: authentication is off)."""
+        from service.api.security import key_digests
+
+        keys = self.api_keys.get_secret_value() if self.api_keys is not None else None
+        return key_digests(keys, self.api_keys_file)
+
+    def cors_origin_list(self) -> list[str]:
+        """The configured CORS origins (empty: CORS off)."""
+        return [item.strip() for item in (self.cors_origins or "").split(",") if item.strip()]
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -27,6 +27,7 @@ def test_operation_ids_are_stable() -> None:
         "/v1/step": {"post": "expression_step"},
         "/healthz": {"get": "check_liveness"},
         "/readyz": {"get": "check_readiness"},
+        "/metrics": {"get": "get_metrics"},
         "/umbridge/Info": {"get": "umbridge_info"},
         "/umbridge/ModelInfo": {"post": "umbridge_model_info"},
         "/umbridge/InputSizes": {"post": "umbridge_input_sizes"},
