@@ -73,7 +73,7 @@ bench-peers: $(VENV)/.installed-server /usr/bin/wrk bench/.peers/bin/python
 
 # 10,000 distinct expressions (about 10 minutes): worker RSS stays under its bound.
 bench-memory: $(VENV)/.installed-server /usr/bin/wrk
-	$(BIN)/python bench/run.py --memory 10000
+	$(BIN)/python bench/run.py --memory-only --memory 10000
 
 # 64 connections over a mixed workload for SOAK_MINUTES (default 2); fails on any unexpected answer.
 SOAK_MINUTES ?= 2

@@ -347,6 +347,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=8, help="duration of each wrk run")
     parser.add_argument("--peers", action="store_true", help="also measure httpstan (make bench-peers)")
     parser.add_argument("--memory", type=int, default=0, help="distinct expressions for the memory workload")
+    parser.add_argument("--memory-only", action="store_true", help="run only the memory workload")
     args = parser.parse_args()
 
     results: dict[str, Any] = {
@@ -359,6 +360,12 @@ def main() -> None:
         "workloads": {},
     }
     rows: dict[str, Any] = results["workloads"]
+    if args.memory_only:
+        bench_memory(args.memory or 10_000, rows)
+        print(json.dumps(rows, indent=2))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
+        return
     bench_echo(args, rows)
     bench_tapeserve(args, rows)
     bench_training(args, rows)
