@@ -466,7 +466,7 @@
     }
     const meta = response.meta || {};
     const timing = meta.total_ms === undefined ? "" : `, ${meta.compute_ms.toFixed(1)} ms in the worker, ${meta.total_ms.toFixed(1)} ms in all`;
-    out.push(el("p", { class: "meta", text: `${response.dtype}; compiled program ${meta.cache === "hit" ? "reused" : "compiled"}${timing}` }));
+    out.push(el("p", { class: "meta", text: `${response.dtype}; ${meta.cache === "hit" ? "cached program reused" : "program compiled for this request"}${timing}` }));
     $("results").replaceChildren(...out);
   }
 
