@@ -301,7 +301,9 @@ def bench_memory(count: int, rows: dict[str, Any]) -> None:
             client.post("/v1/gradient", json=body).raise_for_status()
             if k % 250 == 0 or k == count - 1:
                 workers = client.get("/readyz").json()["pool"]["workers"]
-                samples.append(max(w.get("rss_mb") or 0.0 for w in workers))
+                reported = [w["rss_mb"] for w in workers if w.get("rss_mb")]  # none while a worker restarts
+                if reported:
+                    samples.append(max(reported))
         restarts = client.get("/readyz").json()["pool"]["workers"][0].get("restarts")
     rows[f"memory: {count} distinct expressions"] = {
         "max_worker_rss_mb": max(samples),
