@@ -34,11 +34,21 @@ RTOL = 1e-6
 IDENTITY_RTOL = 1e-10
 
 # Each new expression costs a trace (~0.3-1 s); these counts keep the file well under a minute and a half.
+# derandomize: CI sees the same examples on every run; exploring new ones is for local runs
+# (HYPOTHESIS_PROFILE is not needed: change the seed here to explore).
 SETTINGS = settings(
-    max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=25,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 BATCH_SETTINGS = settings(
-    max_examples=10, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=10,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 
 # -- the expression strategy ---------------------------------------------------------------------
@@ -144,11 +154,15 @@ def finite_difference(
     return np.moveaxis(np.array(columns), 0, -1).reshape(out_shape + variables[name].shape)
 
 
-def assert_close(actual: Any, expected: Any, what: str, rtol: float, scale: float = 0.0) -> None:
+def assert_close(
+    actual: Any, expected: Any, what: str, rtol: float, scale: float = 0.0, uncertainty: Any = 0.0
+) -> None:
+    """``uncertainty``: the reference's own error estimate (finite differences), added to the tolerance."""
     expected = np.asarray(expected, np.float64)
     assert np.shape(actual) == expected.shape, f"{what}: shape {np.shape(actual)} != {expected.shape}"
     scale = max(1.0, scale, float(np.max(np.abs(expected), initial=0.0)))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
+    atol = rtol * scale + 4 * float(np.max(np.abs(uncertainty), initial=0.0))
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
 def full_hessian(hessian: dict[str, Arrays]) -> np.ndarray:
@@ -183,8 +197,15 @@ def test_scalar_expression_gradient_hessian_hvp(
     assert_close(h, h.T, "Hessian symmetry", IDENTITY_RTOL)
     for a in VARIABLES:
         for b in VARIABLES:
-            fd = finite_difference(lambda v, a=a: at(v).gradient[a], variables, b, SECOND_ORDER_STEP, 5)
-            assert_close(r.hessian[a][b], fd, f"d2/d{a}d{b}", RTOL)
+
+            def grad(v: Arrays, a: str = a) -> np.ndarray:
+                return at(v).gradient[a]  # type: ignore[index]
+
+            fd = finite_difference(grad, variables, b, SECOND_ORDER_STEP, 5)
+            # Richardson: the stencil's own error, from the same stencil at half the step. Strongly
+            # oscillating compositions (sin(sin(p**2)) with p up to 27) leave it far above RTOL.
+            half = finite_difference(grad, variables, b, SECOND_ORDER_STEP / 2, 5)
+            assert_close(r.hessian[a][b], fd, f"d2/d{a}d{b}", RTOL, uncertainty=fd - half)
 
     v = np.concatenate([vx, vy])
     hv = h @ v
