@@ -19,8 +19,7 @@ import pytest
 
 from service.engine import GradientJob, GradientResult, execute
 from service.expr.functions import BUILTINS
-
-Arrays = dict[str, np.ndarray]
+from tests.engine.finite_differences import Arrays, finite_difference
 
 # Central differences in float64: h = 1e-6 balances truncation (~h**2) against rounding (~1e-16 / h).
 FIRST_ORDER_STEP = 1e-6
@@ -72,30 +71,6 @@ def run(case: Case, variables: Arrays) -> GradientResult:
         dtype="float64",
     )
     return execute(job)
-
-
-def shifted(variables: Arrays, name: str, index: tuple[int, ...], delta: float) -> Arrays:
-    out = {k: v.copy() for k, v in variables.items()}
-    out[name][index] += delta
-    return out
-
-
-def finite_difference(
-    fn: Callable[[Arrays], np.ndarray], variables: Arrays, name: str, step: float, points: int
-) -> np.ndarray:
-    """d fn / d variables[name], shape fn(...).shape + variable.shape, by a 3- or 5-point stencil."""
-    columns = []
-    for index in np.ndindex(variables[name].shape):
-
-        def at(delta: float, index: tuple[int, ...] = index) -> np.ndarray:
-            return np.asarray(fn(shifted(variables, name, index, delta)), np.float64)
-
-        if points == 3:
-            columns.append((at(step) - at(-step)) / (2 * step))
-        else:
-            columns.append((-at(2 * step) + 8 * at(step) - 8 * at(-step) + at(-2 * step)) / (12 * step))
-    out_shape = columns[0].shape
-    return np.moveaxis(np.array(columns), 0, -1).reshape(out_shape + variables[name].shape)
 
 
 def assert_close(actual: np.ndarray, expected: np.ndarray, what: str, rtol: float) -> None:

@@ -9,7 +9,6 @@ batch=True per point equals unbatched per point.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,8 +18,7 @@ from hypothesis.extra.numpy import arrays
 
 import service.expr  # noqa: F401  (its parser raises the recursion limit on import: do it before hypothesis runs)
 from service.engine import GradientJob, GradientResult, execute
-
-Arrays = dict[str, np.ndarray]
+from tests.engine.finite_differences import Arrays, finite_difference
 
 N = 3  # length of each variable
 VARIABLES = ("x", "y")
@@ -128,30 +126,6 @@ def run(expression: str, variables: Arrays, derivatives: tuple[str, ...], **extr
         **extra,
     )
     return execute(job)
-
-
-def shifted(variables: Arrays, name: str, index: tuple[int, ...], delta: float) -> Arrays:
-    out = {k: v.copy() for k, v in variables.items()}
-    out[name][index] += delta
-    return out
-
-
-def finite_difference(
-    fn: Callable[[Arrays], np.ndarray], variables: Arrays, name: str, step: float, points: int
-) -> np.ndarray:
-    """d fn / d variables[name], shape fn(...).shape + variable.shape, by a 3- or 5-point stencil."""
-    columns = []
-    for index in np.ndindex(variables[name].shape):
-
-        def at(delta: float, index: tuple[int, ...] = index) -> np.ndarray:
-            return np.asarray(fn(shifted(variables, name, index, delta)), np.float64)
-
-        if points == 3:
-            columns.append((at(step) - at(-step)) / (2 * step))
-        else:
-            columns.append((-at(2 * step) + 8 * at(step) - 8 * at(-step) + at(-2 * step)) / (12 * step))
-    out_shape = columns[0].shape
-    return np.moveaxis(np.array(columns), 0, -1).reshape(out_shape + variables[name].shape)
 
 
 def assert_close(
