@@ -15,6 +15,7 @@ from starlette.routing import BaseRoute
 from service.api.batching import Batcher
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.deps import GradientPool, OrjsonResponse
+from service.api.fastpath import FastPathMiddleware
 from service.api.logging import RequestContextMiddleware
 from service.api.metrics import MeteredPool, Metrics
 from service.api.metrics import router as metrics_router
@@ -78,6 +79,8 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
         lifespan=lifespan,
         redoc_url=None,
         docs_url=None,  # FastAPI's /docs loads Swagger UI from a CDN; routes/playground.py serves it locally
+        # Off: metrics are Prometheus (/metrics), logs are ours; its OpenTelemetry check costs every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -89,6 +92,13 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
     playground.mount_static(app)
     _summaries_from_docstrings(metrics_router.routes)
     app.include_router(metrics_router)
+    # Innermost: the hot endpoints skip FastAPI's per-request machinery; every middleware below still applies.
+    app.add_middleware(
+        FastPathMiddleware,
+        state=app.state,
+        endpoints={"/v1/gradient": gradient.FAST_ENDPOINT, "/gradient": gradient.FAST_ENDPOINT},
+        routes=gradient.router.routes,
+    )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     # Outside the body limit (a refused client's body is never read), inside the UM-Bridge errors.
     app.add_middleware(

@@ -155,13 +155,16 @@ def test_batching_off_sends_every_request_alone() -> None:
 def test_concurrent_clients_of_a_live_server_are_stacked_and_each_gets_its_own_answer(
     ready_server: LiveServer,
 ) -> None:
-    # A chain of 90x90 matmuls keeps the one worker busy for milliseconds per request, longer than
-    # the API process needs to read the next one: requests then meet a busy worker and are stacked.
-    m = "(reshape(sin(arange(8100)), (90, 90)) / 90)"
-    chain = " @ ".join([m] * 24)
-    expression = f"sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2) + x[0] * sum({chain})"
-    block = np.sin(np.arange(8100.0)).reshape(90, 90) / 90
-    chained = float(np.linalg.multi_dot([block] * 24).sum())
+    # The one worker is kept busy by a cold request (tracing a 60-term Hessian takes it a second or
+    # more); hot requests that arrive meanwhile meet a busy worker and are stacked.
+    terms = " + ".join(f"sin({k}.25*y)" for k in range(60))
+    blocker = {
+        "expression": f"sum({terms}) + {np.random.default_rng().integers(1 << 30)}",  # never seen before
+        "variables": {"y": [0.1] * 6},
+        "derivatives": ["gradient", "hessian"],
+        "dtype": "float64",
+    }
+    expression = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"
     rng = np.random.default_rng(7)
     points = rng.normal(size=(96, 10))
 
@@ -169,23 +172,26 @@ def test_concurrent_clients_of_a_live_server_are_stacked_and_each_gets_its_own_a
         g = np.zeros_like(x)
         g[:-1] = -400 * x[:-1] * (x[1:] - x[:-1] ** 2) - 2 * (1 - x[:-1])
         g[1:] += 200 * (x[1:] - x[:-1] ** 2)
-        g[0] += chained
         return g
 
-    async def scenario() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=32)
+    async def scenario() -> tuple[httpx.Response, list[httpx.Response]]:
+        limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=ready_server.url, timeout=120, limits=limits) as client:
             body = {"expression": expression, "dtype": "float64"}
             for x in points[:4]:  # make the program hot (compiled, seen often)
                 (
                     await client.post("/v1/gradient", json={**body, "variables": {"x": x.tolist()}})
                 ).raise_for_status()
-            return await asyncio.gather(
+            busy = asyncio.create_task(client.post("/v1/gradient", json=blocker))
+            await asyncio.sleep(0.2)  # the blocker is on the worker, tracing
+            answers = await asyncio.gather(
                 *(client.post("/v1/gradient", json={**body, "variables": {"x": x.tolist()}}) for x in points)
             )
+            return await busy, answers
 
     before = httpx.get(f"{ready_server.url}/readyz").json()["batching"]
-    answers = asyncio.run(scenario())
+    blocked, answers = asyncio.run(scenario())
+    assert blocked.status_code == 200, blocked.text
     for x, answer in zip(points, answers, strict=True):
         assert answer.status_code == 200, answer.text
         np.testing.assert_allclose(answer.json()["gradient"]["x"], expected_gradient(x), rtol=1e-9)

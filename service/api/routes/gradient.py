@@ -7,14 +7,18 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
+from service.api.batching import Batcher
 from service.api.deps import BatcherDep, OrjsonResponse, SettingsDep, TapeserveRoute
+from service.api.fastpath import FastEndpoint
 from service.api.gradient_job import build_gradient_job, render_gradient_result
 from service.api.schemas import GradientRequest, GradientResponse, Problem
+from service.api.settings import Settings
 from service.engine.jobs import GradientResult
 from service.errors import InvalidRequest, TapeserveError
 
-__all__ = ["router"]
+__all__ = ["FAST_ENDPOINT", "gradient_content", "router"]
 
 router = APIRouter(route_class=TapeserveRoute, tags=["gradient"])
 
@@ -45,17 +49,17 @@ def _result_elements(result: GradientResult) -> int:
     return total
 
 
-async def compute_gradient(
-    body: GradientRequest, request: Request, batcher: BatcherDep, settings: SettingsDep
-) -> OrjsonResponse:
-    """Compute the value and the requested derivatives of an expression."""
+async def gradient_content(
+    body: GradientRequest, settings: Settings, batcher: Batcher, body_bytes: int
+) -> dict[str, Any]:
+    """The response content for a validated request; the FastAPI route and the fast path both call it."""
     if body.timeout_s is not None and body.timeout_s > settings.request_timeout_s:
         raise InvalidRequest(
             f"timeout_s may be at most {settings.request_timeout_s} (the server's request_timeout_s)",
             field="timeout_s",
         )
     limits = settings.limits()
-    large = int(request.headers.get("content-length") or 0) > _OFFLOAD_BYTES
+    large = body_bytes > _OFFLOAD_BYTES
     if large:
         job = await run_in_threadpool(build_gradient_job, body, limits)
     else:
@@ -68,10 +72,25 @@ async def compute_gradient(
     if not isinstance(result, GradientResult):
         raise TapeserveError(f"the worker returned {type(result).__name__}, not a GradientResult")
     if large or _result_elements(result) > _OFFLOAD_ELEMENTS:
-        content = await run_in_threadpool(render_gradient_result, result, job, body.encoding, total_ms)
-    else:
-        content = render_gradient_result(result, job, body.encoding, total_ms)
-    return OrjsonResponse(content)
+        return await run_in_threadpool(render_gradient_result, result, job, body.encoding, total_ms)
+    return render_gradient_result(result, job, body.encoding, total_ms)
+
+
+async def _fast_gradient(body: GradientRequest, state: State, body_bytes: int) -> dict[str, Any]:
+    return await gradient_content(body, state.settings, state.batcher, body_bytes)
+
+
+# Served by service.api.fastpath on the hot path; the route below documents it and answers every
+# request the fast path hands over (bodies that do not parse or validate).
+FAST_ENDPOINT = FastEndpoint(GradientRequest, _fast_gradient)
+
+
+async def compute_gradient(
+    body: GradientRequest, request: Request, batcher: BatcherDep, settings: SettingsDep
+) -> OrjsonResponse:
+    """Compute the value and the requested derivatives of an expression."""
+    size = int(request.headers.get("content-length") or 0)
+    return OrjsonResponse(await gradient_content(body, settings, batcher, size))
 
 
 router.add_api_route(
