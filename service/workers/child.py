@@ -83,14 +83,29 @@ _PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20 if hasattr(os, "sysconf") else 409
 def read_rss_mb(pid: int | str = "self") -> float | None:
     """Resident set size in MiB from /proc/PID/statm (None where there is no /proc or no process).
 
-    statm is one short line (sizes in pages): reading it costs a few microseconds, so every worker
-    can report its RSS after every job.
+    statm is one short line (sizes in pages). A worker reads its own after every job, through a file
+    descriptor it keeps open: one pread, a few microseconds.
     """
     try:
-        with open(f"/proc/{pid}/statm", "rb") as statm:
-            return int(statm.read().split()[1]) * _PAGE_MB
+        if pid == "self":
+            raw = os.pread(_own_statm(), 128, 0)
+        else:
+            with open(f"/proc/{pid}/statm", "rb") as statm:
+                raw = statm.read()
+        return int(raw.split()[1]) * _PAGE_MB
     except (OSError, ValueError, IndexError):
         return None
+
+
+_statm: dict[int, int] = {}  # pid -> an open descriptor of /proc/self/statm (per pid: survives a fork)
+
+
+def _own_statm() -> int:
+    pid = os.getpid()
+    fd = _statm.get(pid)
+    if fd is None:
+        fd = _statm[pid] = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    return fd
 
 
 def worker_main(conn: Connection, settings: WorkerSettings) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from service.engine.jobs import GradientJob, GradientResult
 from service.errors import ShapeError, TapeserveError
 from service.workers import transport
 
@@ -73,3 +74,55 @@ def test_errors_cross_as_problem_dicts() -> None:
     rebuilt = TapeserveError.from_dict(roundtrip(error.to_dict()))
     assert type(rebuilt) is ShapeError and rebuilt.extra == {"left": [2]}
     assert type(pickle.loads(pickle.dumps(error))) is ShapeError  # noqa: S301 - our own bytes
+
+
+def _arrays_equal(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a.dtype == b.dtype and np.shape(a) == np.shape(b) and np.array_equal(a, b)
+
+
+def test_gradient_jobs_cross_whole_with_small_arrays_packed_and_large_ones_out_of_band() -> None:
+    big = np.arange(100_000, dtype=np.float64).reshape(1000, 100)
+    job = GradientJob(
+        expression="sum(x*c) + f(y)",
+        variables={"x": np.linspace(0, 1, 10, dtype=np.float32), "y": big},
+        constants={"c": np.float32(2.5)},
+        functions={"f": {"params": ["a"], "body": "sum(a)", "gradient": None}},
+        derivatives=("gradient", "hvp", "vjp"),
+        wrt=("x",),
+        tangents={"x": np.ones(10, np.float32)},
+        cotangent=np.ones((), np.float32),
+        order=None,
+        batch=False,
+        dtype="float32",
+    )
+    frames = transport.encode(("job", 1, job))
+    assert len(frames) > 1 and any(f.nbytes == big.nbytes for f in frames)  # the large one is out of band
+    _, _, back = roundtrip(("job", 1, job))
+    assert back.signature() == job.signature()
+    for name in ("variables", "constants", "tangents"):
+        sent, got = getattr(job, name), getattr(back, name)
+        assert sent.keys() == got.keys() and all(_arrays_equal(sent[k], got[k]) for k in sent)
+    assert _arrays_equal(job.cotangent, back.cotangent)
+    assert back.variables["x"].flags.writeable and back.variables["y"].flags.writeable
+    assert (back.functions, back.derivatives, back.wrt, back.dtype) == (
+        job.functions, job.derivatives, job.wrt, job.dtype,
+    )  # fmt: skip
+
+
+def test_gradient_results_cross_whole() -> None:
+    result = GradientResult(
+        value=np.float64(1.5),
+        gradient={"x": np.array([1.0, -2.0])},
+        hessian={"x": {"x": np.array([[2.0, 0.5], [0.5, 1.0]])}},
+        jvp=np.array([0.25, 4.0]),
+        higher={"variable": "x", "order": 2, "derivatives": [np.ones(2), np.eye(2)]},
+        cache="hit",
+        compute_ms=0.42,
+    )
+    back = roundtrip(("result", 7, result, 512.0))[2]
+    assert _arrays_equal(back.value, result.value) and _arrays_equal(back.jvp, result.jvp)
+    assert _arrays_equal(back.gradient["x"], result.gradient["x"])
+    assert _arrays_equal(back.hessian["x"]["x"], result.hessian["x"]["x"])
+    pairs = zip(back.higher["derivatives"], result.higher["derivatives"], strict=True)
+    assert back.higher["order"] == 2 and all(_arrays_equal(a, b) for a, b in pairs)
+    assert (back.jacobian, back.hvp, back.vjp, back.cache, back.compute_ms) == (None, None, None, "hit", 0.42)
