@@ -1,8 +1,9 @@
 """The supervised worker pool: spawned processes that run jobs one at a time, killed and replaced at will.
 
-Design: the asyncio loop owns all pool state. Each worker process has two daemon threads in the
-parent, one blocking on reads (its EOF is how a death is noticed) and one on writes (a wedged child
-can never block the loop); they hand everything to the loop with ``call_soon_threadsafe``. Jobs wait
+Design: the asyncio loop owns all pool state and each worker's pipe: the parent's end is an asyncio
+transport (``_Pipe``), so replies are read by the loop itself, with no thread hop, and writes never
+block it (a wedged child only makes the transport buffer). The pipe's end (EOF) is how a death is
+noticed; a short-lived thread then reaps the process and reports its exit code to the loop. Jobs wait
 in one bounded FIFO queue; a free worker takes the head, and among several free workers the one that
 recently served the same affinity key (compile-cache signature) wins.
 
@@ -20,16 +21,15 @@ import itertools
 import logging
 import multiprocessing
 import os
-import queue
 import signal
+import socket
 import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, cast
 
 from service.errors import Overloaded, TapeserveError, Timeout, WorkerCrashed
 from service.workers import transport
@@ -84,13 +84,10 @@ class _Request:
 
 @dataclass(eq=False)
 class _Incarnation:
-    """One spawned process of a worker slot and the parent's two threads that talk to it."""
+    """One spawned process of a worker slot and the parent's end of its pipe."""
 
     process: BaseProcess
-    conn: Connection
-    outbox: queue.SimpleQueue[transport.Frames | None] = field(default_factory=queue.SimpleQueue)
-    # Held by whoever writes to the pipe (the loop for small messages, the writer thread for large).
-    write_lock: threading.Lock = field(default_factory=threading.Lock)
+    pipe: _Pipe | None = None
     spawned_at: float = field(default_factory=time.monotonic)
     ready: bool = False
     jobs: int = 0
@@ -119,6 +116,92 @@ class _Worker:
     rss_mb: float | None = None
 
 
+class _Pipe(asyncio.Protocol):
+    """The parent's end of one worker's pipe, read and written by the event loop.
+
+    Frames carry ``multiprocessing.Connection``'s length prefix, so the child keeps its plain
+    blocking ``Connection``. Messages go to ``on_message``; the end of the stream to ``on_closed``.
+    """
+
+    def __init__(
+        self, on_message: Callable[[Any], None], on_closed: Callable[[], None], on_garbage: Callable[[], None]
+    ) -> None:
+        self._on_message = on_message
+        self._on_closed = on_closed
+        self._on_garbage = on_garbage
+        self._transport: asyncio.Transport | None = None
+        self._pending: list[bytes | memoryview] = []  # written before the transport was connected
+        self._buffer = bytearray()
+        self._decoder = transport.Decoder()
+        self.closed = False
+        self.broken = False  # sent something unreadable: everything after it is ignored
+
+    def connection_made(self, transport_: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport_)  # uvloop's is not a subclass, but one in kind
+        if self.closed:
+            self._transport.close()
+        elif self._pending:
+            self._transport.writelines(self._pending)
+        self._pending = []
+
+    def write(self, frames: transport.Frames) -> None:
+        if self.closed:
+            return  # the child is gone; its exit is being reported
+        data: list[bytes | memoryview] = []
+        for frame in frames:
+            data += (transport.frame_header(frame.nbytes), frame)
+        if self._transport is None:
+            self._pending += data
+        else:
+            self._transport.writelines(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken:
+            return
+        buffer = self._buffer
+        buffer += data
+        start, end = 0, len(buffer)
+        try:
+            while end - start >= 4:
+                size = int.from_bytes(buffer[start : start + 4], "big", signed=True)
+                header = 4
+                if size == -1:
+                    if end - start < 12:
+                        break
+                    size, header = int.from_bytes(buffer[start + 4 : start + 12], "big"), 12
+                if size < 0:
+                    raise ValueError(f"bad frame length {size}")
+                if end - start < header + size:
+                    break
+                frame = buffer[start + header : start + header + size]  # a writable copy
+                start += header + size
+                message = self._decoder.feed(frame)
+                if message is not transport.Decoder.INCOMPLETE:
+                    self._on_message(message)
+        except Exception:
+            self.broken = True
+            self._buffer = bytearray()
+            self._on_garbage()
+            return
+        del buffer[:start]
+
+    def eof_received(self) -> bool:
+        return False  # close our end too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._pending = []
+        if not self.closed:
+            self.closed = True
+            self._on_closed()
+
+    def close(self) -> None:
+        """Close our end after the child's exit has been handled (no ``on_closed`` call follows)."""
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+
 class WorkerPool:
     """Runs jobs in supervised, spawned worker processes; use from one asyncio event loop."""
 
@@ -133,6 +216,7 @@ class WorkerPool:
         self._stopping = False  # no respawns either
         self._closed = asyncio.Event()
         self._became_ready = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- public interface
 
@@ -399,19 +483,21 @@ class WorkerPool:
             return
         finally:
             child_conn.close()  # the child holds its own copy; ours would hide the child's EOF
-        incarnation = _Incarnation(process=process, conn=parent_conn)
+        incarnation = _Incarnation(process=process)
         worker.incarnation = incarnation
         worker.state = STARTING
         worker.recent.clear()  # a new process has an empty program cache
-        # Reads stay on a thread with a blocking socket: an event loop's poll (libuv's in uvloop)
-        # switches the descriptor to non-blocking, and a reply written in parts then reads as EAGAIN.
-        for role, target in (("reader", self._read_loop), ("writer", self._write_loop)):
-            threading.Thread(
-                target=target,
-                args=(worker, incarnation),
-                name=f"tapeserve-worker-{worker.id}-{role}",
-                daemon=True,
-            ).start()
+        incarnation.pipe = _Pipe(
+            on_message=lambda message: self._on_message(worker, incarnation, message),
+            on_closed=lambda: self._reap(worker, incarnation),
+            on_garbage=lambda: self._on_garbage(worker, incarnation),
+        )
+        # Our own socket (a duplicate descriptor) for the loop; the Connection object is done with.
+        sock = socket.socket(fileno=os.dup(parent_conn.fileno()))
+        parent_conn.close()
+        task = self._running_loop().create_task(self._connect(worker, incarnation, sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _retire(self, worker: _Worker, cause: str) -> None:
         """Ask an idle worker to exit; it is replaced when its exit is seen."""
@@ -471,10 +557,10 @@ class WorkerPool:
             self._dispatch()
 
     def _on_exit(self, worker: _Worker, incarnation: _Incarnation, exitcode: int | None) -> None:
-        incarnation.outbox.put(None)  # ends the writer thread
         if incarnation.stop_timer is not None:
             incarnation.stop_timer.cancel()
-        incarnation.conn.close()
+        if incarnation.pipe is not None:
+            incarnation.pipe.close()
         if incarnation is not worker.incarnation:
             return
         worker.incarnation = None
@@ -515,47 +601,38 @@ class WorkerPool:
 
     # ---------------------------------------------------------------- per-process threads
 
-    def _write(self, incarnation: _Incarnation, frames: transport.Frames) -> None:
-        """Small messages are written from the loop at once (no thread hop on the hot path); they fit
-        the pipe buffer, and the child reads one message at a time, so the write does not wait."""
-        if transport.is_single_frame(frames) and incarnation.write_lock.acquire(blocking=False):
-            try:
-                transport.send(incarnation.conn, frames)
-            except (OSError, ValueError):
-                pass  # the child is gone; its EOF reports it
-            finally:
-                incarnation.write_lock.release()
-            return
-        incarnation.outbox.put(frames)
-
-    def _read_loop(self, worker: _Worker, incarnation: _Incarnation) -> None:
+    async def _connect(self, worker: _Worker, incarnation: _Incarnation, sock: socket.socket) -> None:
+        pipe = incarnation.pipe
+        assert pipe is not None
         try:
-            while True:
-                message = transport.receive(incarnation.conn)
-                if not self._post(self._on_message, worker, incarnation, message):
-                    break
-        except (EOFError, OSError):
-            pass  # the child exited or died: the normal end of this thread
+            await self._running_loop().connect_accepted_socket(lambda: pipe, sock)
         except Exception:
-            log.exception("worker %d sent an unreadable message; killing it", worker.id)
+            log.exception("worker %d: its pipe could not join the event loop; killing it", worker.id)
+            sock.close()
             _kill_quietly(incarnation.process)
-        process = incarnation.process
-        process.join(_EXIT_JOIN_S)
-        if process.exitcode is None:
-            _kill_quietly(process)
-            process.join()
-        self._post(self._on_exit, worker, incarnation, process.exitcode)
+            pipe.connection_lost(None)
 
-    def _write_loop(self, worker: _Worker, incarnation: _Incarnation) -> None:
-        while True:
-            frames = incarnation.outbox.get()
-            if frames is None:
-                return
-            try:
-                with incarnation.write_lock:
-                    transport.send(incarnation.conn, frames)
-            except (OSError, ValueError):
-                return  # the child is gone; the reader reports it
+    def _write(self, incarnation: _Incarnation, frames: transport.Frames) -> None:
+        """Queue a message on the worker's pipe; the loop's transport writes it without blocking."""
+        if incarnation.pipe is not None:
+            incarnation.pipe.write(frames)
+
+    def _on_garbage(self, worker: _Worker, incarnation: _Incarnation) -> None:
+        log.exception("worker %d sent an unreadable message; killing it", worker.id)
+        _kill_quietly(incarnation.process)  # its pipe then closes, and the exit is reported as usual
+
+    def _reap(self, worker: _Worker, incarnation: _Incarnation) -> None:
+        """The pipe has closed: the child exited or is about to. Collect its exit code off the loop."""
+
+        def join() -> None:
+            process = incarnation.process
+            process.join(_EXIT_JOIN_S)
+            if process.exitcode is None:
+                _kill_quietly(process)
+                process.join()
+            self._post(self._on_exit, worker, incarnation, process.exitcode)
+
+        threading.Thread(target=join, name=f"tapeserve-worker-{worker.id}-reaper", daemon=True).start()
 
     def _post(self, callback: Callable[..., None], *args: Any) -> bool:
         loop = self._loop

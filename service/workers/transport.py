@@ -14,11 +14,24 @@ import struct
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ["Frames", "decode", "encode", "is_inline", "is_single_frame", "receive", "send"]
+__all__ = [
+    "Decoder",
+    "Frames",
+    "decode",
+    "encode",
+    "frame_header",
+    "is_inline",
+    "is_single_frame",
+    "receive",
+    "send",
+]
 
 Frames = list[memoryview]
 
 _HEAD = struct.Struct("<IB")  # number of buffers, whether they travel inline
+# multiprocessing.Connection's frame prefix: a signed big-endian length, or -1 and a 64-bit length.
+_SMALL = struct.Struct("!i")
+_BIG = struct.Struct("!iQ")
 # Inline up to this many buffer bytes: a copy this small costs less than extra system calls, and
 # the whole frame stays under the 64 KiB pipe buffer, so writing it never waits for the reader.
 INLINE_MAX_BYTES = 32 * 1024
@@ -55,7 +68,49 @@ def is_inline(head: bytes) -> bool:
     return bool(_HEAD.unpack_from(head)[1])
 
 
-def decode(head: bytes, conn: Connection) -> Any:
+def frame_header(size: int) -> bytes:
+    """The length prefix ``Connection.send_bytes`` puts before a frame (the child reads with it)."""
+    if size > 0x7FFFFFFF:
+        return _BIG.pack(-1, size)
+    return _SMALL.pack(size)
+
+
+class Decoder:
+    """Rebuilds messages from frames as an event loop receives them (the parent's side of the pipe).
+
+    ``feed`` takes one frame (its length prefix removed) and returns the finished message, or
+    ``INCOMPLETE`` while a large message's buffers are still to come. Frames must be writable
+    (bytearray): arrays rebuilt on them are writable, as the sender's were.
+    """
+
+    INCOMPLETE: Any = object()
+
+    def __init__(self) -> None:
+        self._head: bytearray | None = None
+        self._sizes: tuple[int, ...] = ()
+        self._buffers: list[bytearray] = []
+
+    def feed(self, frame: bytearray) -> Any:
+        if self._head is None:
+            count, inline = _HEAD.unpack_from(frame)
+            if inline or count == 0:
+                return decode(frame, None)
+            self._head = frame
+            self._sizes = struct.unpack_from(f"<{count}Q", frame, _HEAD.size)
+            self._buffers = []
+            return self.INCOMPLETE
+        if len(frame) != self._sizes[len(self._buffers)]:
+            raise ValueError("a buffer frame does not have the announced size")
+        self._buffers.append(frame)
+        if len(self._buffers) < len(self._sizes):
+            return self.INCOMPLETE
+        head, buffers = self._head, self._buffers
+        self._head, self._sizes, self._buffers = None, (), []
+        stream = memoryview(head)[_HEAD.size + 8 * len(buffers) :]
+        return pickle.loads(stream, buffers=buffers)  # noqa: S301 - our own processes, private pipe
+
+
+def decode(head: bytes | bytearray, conn: Connection | None) -> Any:
     """The message whose first frame is ``head``, reading any further frames from ``conn``."""
     count, inline = _HEAD.unpack_from(head)
     sizes = struct.unpack_from(f"<{count}Q", head, _HEAD.size)
@@ -68,6 +123,8 @@ def decode(head: bytes, conn: Connection) -> Any:
         if inline:
             buffer[:] = view[offset : offset + size]
             offset += size
+        elif conn is None:
+            raise ValueError("a message with out-of-band buffers needs the connection to read them from")
         elif size:
             conn.recv_bytes_into(buffer)
         else:
