@@ -233,28 +233,49 @@ MLP = {"input_shape": [32], "layers": [{"type": "dense", "units": 64, "activatio
                                        {"type": "dense", "units": 1}], "seed": 0}  # fmt: skip
 
 
+def b64(array: np.ndarray) -> dict[str, Any]:
+    """A float32 tensor in the base64 wire form (little-endian bytes)."""
+    a = np.asarray(array, "<f4")  # tobytes() is C order; ascontiguousarray would make a scalar 1-d
+    return {"dtype": "float32", "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode()}
+
+
+def from_b64(tensor: dict[str, Any]) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(tensor["b64"]), tensor["dtype"]).reshape(tensor["shape"])
+
+
 def bench_training(args: argparse.Namespace, rows: dict[str, Any]) -> None:
-    """One Adam step with clip-by-norm on a 32-64-1 MLP, batch 64; and 500 steps in one request."""
+    """One Adam step with clip-by-norm on a 32-64-1 MLP, batch 64; and 500 steps in one request.
+
+    Tensors travel the way the SDK sends them (base64 above 256 elements): x, y, weights and
+    optimizer_state as base64, and "encoding": "base64" for the response. Like the SDK, the client
+    decodes each response's weights and state to numpy and encodes them again for the next step
+    (the API is stateless), so that work is in the measured latency too.
+    """
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 32)), rng.normal(size=(64, 1))
-    base = {"model": MLP, "x": x.tolist(), "y": y.tolist(), "loss": "mse",
+    base = {"model": MLP, "x": b64(x), "y": b64(y), "loss": "mse", "encoding": "base64",
             "optimizer": {"type": "adam", "learning_rate": 0.001}, "clip": {"norm": 1.0}}  # fmt: skip
     argv, port, env = tapeserve({})
     with server(argv, port, "/readyz", env) as url, httpx.Client(base_url=url, timeout=300) as client:
-        state: dict[str, Any] = client.post("/v1/model/train-step", json=base).raise_for_status().json()
+
+        def post(body: dict[str, Any]) -> dict[str, Any]:
+            out: dict[str, Any] = client.post("/v1/model/train-step", json=body).raise_for_status().json()
+            return out
+
+        first = post(base)
+        state = {k: [from_b64(t) for t in first[k]] for k in ("weights", "optimizer_state")}
 
         def one_step() -> None:
-            body = {**base, "weights": state["weights"], "optimizer_state": state["optimizer_state"]}
-            state.update(client.post("/v1/model/train-step", json=body).raise_for_status().json())
+            body = {**base, **{k: [b64(a) for a in v] for k, v in state.items()}}
+            out = post(body)
+            state.update({k: [from_b64(t) for t in out[k]] for k in state})
 
         rows["training: one Adam step (32-64-1, batch 64), sequential"] = summary(
             timed(one_step, args.n // 2)
         )
         many = {**base, "steps": 500}
-        client.post("/v1/model/train-step", json=many).raise_for_status()
-        rows["training: 500 steps in one request"] = summary(
-            timed(lambda: client.post("/v1/model/train-step", json=many).raise_for_status(), 5, warmup=1)
-        )
+        post(many)
+        rows["training: 500 steps in one request"] = summary(timed(lambda: post(many), 5, warmup=1))
     rows.update(training_in_process(x, y, args.n // 2))
 
 
@@ -350,6 +371,7 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true", help="also measure httpstan (make bench-peers)")
     parser.add_argument("--memory", type=int, default=0, help="distinct expressions for the memory workload")
     parser.add_argument("--memory-only", action="store_true", help="run only the memory workload")
+    parser.add_argument("--only", choices=["training"], help="run only this workload (results/NAME.json)")
     args = parser.parse_args()
 
     results: dict[str, Any] = {
@@ -368,16 +390,18 @@ def main() -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "memory.json").write_text(json.dumps(results, indent=2) + "\n")
         return
-    bench_echo(args, rows)
-    bench_tapeserve(args, rows)
+    if not args.only:
+        bench_echo(args, rows)
+        bench_tapeserve(args, rows)
     bench_training(args, rows)
-    if args.peers:
+    if args.peers and not args.only:
         bench_httpstan(args, rows)
-    if args.memory:
+    if args.memory and not args.only:
         bench_memory(args.memory, rows)
-    floor = in_process(args.n)
-    rows["in-process tf.function rosen10 gradient (compute floor)"] = floor["gradient"]
-    rows["in-process tf.function rosen10 gradient+hessian"] = floor["gradient+hessian"]
+    if not args.only:
+        floor = in_process(args.n)
+        rows["in-process tf.function rosen10 gradient (compute floor)"] = floor["gradient"]
+        rows["in-process tf.function rosen10 gradient+hessian"] = floor["gradient+hessian"]
 
     seq, hs = "tapeserve rosen10 gradient, warm, sequential", "httpstan rosen10 gradient, sequential"
     results["ratios"] = {
@@ -421,7 +445,7 @@ def main() -> None:
     for name, value in results["ratios"].items():
         print(f"{name:<72} {'n/a' if value is None else f'{value:.3f}'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / f"{args.only or 'latest'}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ optimizer state, label ranges, reinforce actions and returns, steps and the expr
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "render_expression_step",
     "render_model_gradient",
     "render_train_step",
+    "request_elements",
     "stream_steps",
 ]
 
@@ -75,6 +77,36 @@ def describe_model(request: DescribeRequest, limits: Limits) -> DescribeResponse
         layer_output_shapes=[list(s) for s in layout.output_shapes],
         optimizer_state=state,
     )
+
+
+def request_elements(request: ModelGradientRequest | TrainStepRequest) -> int:
+    """About how many elements the request's tensors hold, from shapes alone (nothing is decoded).
+
+    Callers use it to decide where decoding runs; a claim that turns out false is caught by decoding.
+    """
+    tensors = [request.x, request.y, *(request.weights or [])]
+    if isinstance(request, TrainStepRequest):
+        tensors += request.optimizer_state or []
+    else:
+        tensors += request.tangents or []
+    return sum(_claimed_elements(t) for t in tensors if t is not None)
+
+
+def _claimed_elements(value: Any) -> int:
+    if isinstance(value, dict):
+        shape = value.get("shape")
+        if isinstance(shape, list) and all(isinstance(d, int) for d in shape):
+            return math.prod(shape)
+        return 0
+    count = 1
+    for _ in range(32):  # deeper nesting is refused when decoding
+        if not isinstance(value, list):
+            break
+        count *= len(value)
+        if not value:
+            break
+        value = value[0]
+    return count
 
 
 def _decode_list(values: list[Any] | None, name: str, dtype: str, limits: Limits) -> list[np.ndarray] | None:

@@ -4,10 +4,16 @@ Each distinct job signature gets one compiled program (a Keras model or variable
 and traced tf.functions) kept in a bounded LRU like the expression programs. Every call loads the
 request's weights and optimizer state into the program's variables first, so a program carries no
 state from one request to the next: k calls of one step equal one call of k steps.
+
+Loading and reading back happen inside traced graphs, never variable by variable from Python (a
+Keras ``assign`` or ``numpy()`` costs ~0.3-0.6 ms each, a dozen of them more than the step itself):
+a train step's graph takes the weights and optimizer state as inputs, assigns them, steps and
+returns the new ones, so one call of one concrete function is the whole step.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections import OrderedDict
@@ -52,7 +58,8 @@ class _Program:
     variables: list[Any] = field(default_factory=list)  # expression steps: one Keras variable per input
     fresh_weights: list[np.ndarray] = field(default_factory=list)
     fresh_state: list[np.ndarray] = field(default_factory=list)
-    seeded: list[tuple[Any, int]] = field(default_factory=list)  # (seed generator, layer seed)
+    # Writes every weight (model gradients) or variable and optimizer slot (expression steps) in one call.
+    load: Callable[..., Any] | None = None
 
 
 class _Cache:
@@ -115,18 +122,130 @@ def _message(exc: BaseException) -> str:
     return (useful[-1] if useful else type(exc).__name__)[:300]
 
 
+class _FlatCall:
+    """A traced concrete function called through its flat entry point.
+
+    ``ConcreteFunction.__call__`` canonicalizes and unpacks its arguments against the structured
+    signature, ~0.5 ms a call here: as much as the 32-64-1 training step itself. The input signature
+    is fixed when tracing, so a dtype and shape check per argument is all that binding would do;
+    ``_call_flat`` is private, but stable across the tensorflow minor version pyproject.toml pins.
+    """
+
+    __slots__ = ("_call", "_concrete", "_specs")
+
+    def __init__(self, concrete: Any, specs: list[tf.TensorSpec]) -> None:
+        self._concrete = concrete
+        self._specs = specs
+        self._call = getattr(concrete, "_call_flat", None)
+
+    def __call__(self, *args: Any) -> Any:
+        specs = enumerate(zip(args, self._specs, strict=True))
+        tensors = [self._tensor(a, spec, i) for i, (a, spec) in specs]
+        if self._call is None:
+            return self._concrete(*tensors)
+        return self._call(tensors, self._concrete.captured_inputs)
+
+    @staticmethod
+    def _tensor(arg: Any, spec: tf.TensorSpec, i: int) -> Any:
+        tensor = arg if isinstance(arg, tf.Tensor) else tf.constant(arg, spec.dtype)
+        if tensor.dtype != spec.dtype or not spec.shape.is_compatible_with(tensor.shape):
+            raise ShapeError(
+                f"input {i} of the compiled program is {tensor.dtype.name}{tensor.shape.as_list()}; "
+                f"it expects {spec.dtype.name}{spec.shape.as_list()}"
+            )
+        return tensor
+
+
 def _trace(fn: Callable[..., Any], specs: list[tf.TensorSpec]) -> Callable[..., Any]:
-    """A tf.function traced now, so build errors surface as 4xx before any step runs."""
+    """A function traced now, so build errors surface as 4xx before any step runs; called flat."""
     traced = tf.function(fn, input_signature=specs, autograph=False)
     try:
-        traced.get_concrete_function()
+        concrete = traced.get_concrete_function()
     except TapeserveError:
         raise
     except LookupError as exc:
         raise NotDifferentiable(f"an operation has no gradient: {exc}") from None
     except (ValueError, TypeError) as exc:
         raise ShapeError(f"the model could not be built for these inputs: {_message(exc)}") from None
-    return traced  # type: ignore[no-any-return]
+    return _FlatCall(concrete, specs)
+
+
+# Variables travel into and out of a graph packed in ONE flat vector of the computation dtype:
+# converting a numpy array to a tensor costs ~50 us, so the 13 tensors of the 32-64-1 MLP with Adam
+# cost ~0.6 ms a call (as much as its step); concatenating them costs a few us.
+
+
+def _packed_spec(variables: list[Any], tf_dtype: Any) -> tf.TensorSpec:
+    return tf.TensorSpec([sum(_size(v.shape) for v in variables)], tf_dtype)
+
+
+def _size(shape: Any) -> int:
+    return int(np.prod(tuple(shape), dtype=np.int64))
+
+
+def _assign_packed(variables: list[Any], packed: Any) -> None:
+    """Inside a traced function: write every variable from its slice (the int64 iteration count too)."""
+    parts = tf.split(packed, [_size(v.shape) for v in variables]) if variables else []
+    for var, part in zip(variables, parts, strict=True):
+        var.assign(tf.cast(tf.reshape(part, var.shape), var.dtype))
+
+
+def _read_packed(variables: list[Any], tf_dtype: Any) -> Any:
+    """Inside a traced function: every variable's value, flattened and concatenated."""
+    if not variables:
+        return tf.zeros([0], tf_dtype)
+    return tf.concat([tf.reshape(tf.cast(v.value, tf_dtype), [-1]) for v in variables], 0)
+
+
+def _pack(arrays: list[np.ndarray], dtype: str) -> np.ndarray:
+    if not arrays:
+        return np.zeros([0], dtype)
+    return np.concatenate([np.ravel(np.asarray(a, dtype)) for a in arrays])
+
+
+def _unpack(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    """The packed vector as arrays shaped like ``like`` (views of one buffer; no copies)."""
+    out: list[np.ndarray] = []
+    start = 0
+    for ref in like:
+        out.append(flat[start : start + ref.size].reshape(ref.shape))
+        start += ref.size
+    return out
+
+
+def _assigner(variables: list[Any], tf_dtype: Any) -> Callable[..., Any]:
+    """One traced call that writes every variable from a packed vector."""
+
+    def load(packed: Any) -> Any:
+        _assign_packed(variables, packed)
+        return tf.zeros([])  # an output, so the call waits for the assignments
+
+    return _trace(load, [_packed_spec(variables, tf_dtype)])
+
+
+def _checked(
+    values: list[np.ndarray] | None, fresh: list[np.ndarray], name: str, dtype: str, what: str
+) -> list[np.ndarray]:
+    """``values`` (or ``fresh``) after the same count and shape checks as the API, in ``dtype``."""
+    if values is None:
+        return fresh
+    if len(values) != len(fresh):
+        raise ShapeError(f"{name} has {len(values)} tensors; {what} {len(fresh)}", field=name)
+    for i, (value, like) in enumerate(zip(values, fresh, strict=True)):
+        if value.shape != like.shape:
+            shapes = f"has shape {list(value.shape)}; it must be {list(like.shape)}"
+            raise ShapeError(f"{name}[{i}] {shapes}", field=f"{name}[{i}]")
+    return [np.asarray(v, dtype) for v in values]
+
+
+def _checked_state(state: list[np.ndarray] | None, program: _Program, dtype: str) -> list[np.ndarray]:
+    checked = _checked(state, program.fresh_state, "optimizer_state", dtype, "this optimizer and model need")
+    it = checked[0]
+    if not np.isfinite(it) or it < 0 or it != np.round(it):
+        raise InvalidRequest(
+            "optimizer_state[0] is the iteration count: a non-negative integer", field="optimizer_state[0]"
+        )
+    return checked
 
 
 def _spec_of(array: np.ndarray | None, dtype: Any) -> tf.TensorSpec:
@@ -142,16 +261,8 @@ def _build_model(spec: dict[str, Any], dtype: str, limits: Limits) -> tuple[Any,
 
 
 def _load_weights(program: _Program, weights: list[np.ndarray] | None, dtype: str) -> None:
-    values = program.fresh_weights if weights is None else weights
-    layout = [tuple(w.shape) for w in program.fresh_weights]
-    if len(values) != len(layout):
-        raise ShapeError(f"weights has {len(values)} tensors; this model has {len(layout)}", field="weights")
-    for i, (value, shape) in enumerate(zip(values, layout, strict=True)):
-        if tuple(value.shape) != shape:
-            raise ShapeError(
-                f"weights[{i}] has shape {list(value.shape)}; it must be {list(shape)}", field=f"weights[{i}]"
-            )
-    program.model.set_weights([np.asarray(v, dtype) for v in values])
+    assert program.load is not None
+    program.load(_pack(_checked(weights, program.fresh_weights, "weights", dtype, "this model has"), dtype))
 
 
 def _dense(grads: list[Any]) -> list[Any]:
@@ -276,7 +387,7 @@ def _compile_gradient(job: ModelGradientJob, limits: Limits) -> _Program:
     fns = {"main": _trace(main, specs)}
     if job.adversarial is not None:
         fns["input_grad"] = _trace(input_grad, [x_spec, y_spec])
-    return _Program(fns=fns, model=model, fresh_weights=fresh)
+    return _Program(fns=fns, model=model, fresh_weights=fresh, load=_assigner(list(model.weights), tf_dtype))
 
 
 def _attack(
@@ -368,95 +479,96 @@ def _compile_step(job: TrainStepJob, limits: Limits) -> _Program:
     optimizer.build(trainable)
     fresh_state = kb.optimizer_state(optimizer, job.dtype)
     objective = _objective_loss(job, model, kb.make_loss(job.loss, job.dtype), tf_dtype)
+    # get_weights() order, then the documented optimizer state order: the request's and response's lists.
+    carried = list(model.weights) + kb.optimizer_state_variables(optimizer)
+    iterations = optimizer.iterations
+    seeded = [
+        (layer.seed_generator.state, int(layer.seed if layer.seed is not None else 0))
+        for layer in model.layers
+        if getattr(layer, "seed_generator", None) is not None and hasattr(layer, "rate")
+    ]
 
-    def step(x: Any, y: Any, actions: Any, returns: Any) -> dict[str, Any]:
+    def step(x: Any, y: Any, actions: Any, returns: Any, packed: Any) -> tuple[Any, list[Any], Any]:
+        # Automatic control dependencies order these by variable: load, then the step, then the reads.
+        _assign_packed(carried, packed)
+        # Dropout masks depend on (layer seed, iteration) only, so a step is the same however it is batched.
+        for state, seed in seeded:
+            state.assign(tf.stack([tf.constant(seed, state.dtype), tf.cast(iterations, state.dtype)]))
         with tf.GradientTape() as tape:
             data, reg = objective(x, y, actions, returns)
             total = data + reg
         grads = _dense(tape.gradient(total, trainable, unconnected_gradients=_ZERO))
         clipped = kb.apply_clip(grads, job.clip)
         optimizer.apply(clipped, trainable)
-        out = {
-            "loss": total,
-            "data_loss": data,
-            "regularization_loss": reg,
-            "gradient_norm": tf.linalg.global_norm(grads),
-            "clipped_gradient_norm": tf.linalg.global_norm(clipped),
-        }
-        for i, g in enumerate(grads):
-            out[f"grad/{i}"] = g
-        return out
+        norms = [tf.linalg.global_norm(grads), tf.linalg.global_norm(clipped)]
+        record = tf.stack([tf.cast(q, tf_dtype) for q in [total, data, reg, *norms]])  # _RECORD order
+        return record, grads, _read_packed(carried, tf_dtype)
 
-    n = job.x.shape[0]
+    # Actions and returns (reinforce only; empty otherwise) take any length: one trace serves every batch.
     vector = tf.TensorSpec([None], tf_dtype)
-    specs = [
-        _spec_of(job.x, tf_dtype),
-        _spec_of(job.y, tf_dtype),
-        vector if job.actions is not None else tf.TensorSpec([n if n else None], tf_dtype),
-        vector if job.returns is not None else tf.TensorSpec([n if n else None], tf_dtype),
-    ]
-    seeded = [
-        (layer.seed_generator, int(layer.seed if layer.seed is not None else 0))
-        for layer in model.layers
-        if getattr(layer, "seed_generator", None) is not None and hasattr(layer, "rate")
-    ]
+    specs = [_spec_of(job.x, tf_dtype), _spec_of(job.y, tf_dtype), vector, vector]
+    specs.append(_packed_spec(carried, tf_dtype))
     return _Program(
         fns={"step": _trace(step, specs)},
         model=model,
         optimizer=optimizer,
         fresh_weights=fresh,
         fresh_state=fresh_state,
-        seeded=seeded,
     )
 
 
-def _records(outs: list[dict[str, Any]]) -> list[StepRecord]:
-    """Per-step records, read back in one transfer per quantity rather than five per step."""
-    if not outs:
+# The fields of a StepRecord, in the order a step graph stacks them.
+_RECORD = ("loss", "data_loss", "regularization_loss", "gradient_norm", "clipped_gradient_norm")
+
+
+def _records(records: list[Any]) -> list[StepRecord]:
+    """Per-step records from the steps' stacked record tensors, read back in one transfer."""
+    if not records:
         return []
-    keys = ("loss", "data_loss", "regularization_loss", "gradient_norm", "clipped_gradient_norm")
-    columns = {k: tf.stack([o[k] for o in outs]).numpy().tolist() for k in keys}
-    return [StepRecord(**{k: float(columns[k][i]) for k in keys}) for i in range(len(outs))]
+    rows = (records[0].numpy()[None] if len(records) == 1 else tf.stack(records).numpy()).tolist()
+    return [StepRecord(**dict(zip(_RECORD, row, strict=True))) for row in rows]
+
+
+@functools.cache
+def _empty(dtype: str, shape: tuple[int, ...]) -> Any:
+    """The zeros passed for an input the objective does not use (made once: a conversion costs ~50 us)."""
+    return tf.zeros(shape, _TF_DTYPES[dtype])
 
 
 def _train_step(job: TrainStepJob, limits: Limits) -> TrainStepResult:
     if not 1 <= job.steps <= limits.max_steps:
         raise InvalidRequest(f"steps must be between 1 and {limits.max_steps}", field="steps")
     program, cache = _CACHE.get_or_build(job.signature(), lambda: _compile_step(job, limits))
-    _load_weights(program, job.weights, job.dtype)
-    kb.assign_optimizer_state(program.optimizer, job.optimizer_state, program.fresh_state)
     dtype = np.dtype(job.dtype)
-    n = job.x.shape[0]
-    args = [
-        np.asarray(job.x, dtype),
-        np.zeros([1], dtype) if job.y is None else np.asarray(job.y, dtype),
-        np.zeros([n], dtype) if job.actions is None else np.asarray(job.actions, dtype),
-        np.zeros([n], dtype) if job.returns is None else np.asarray(job.returns, dtype),
-    ]
-    iterations = program.optimizer.iterations
-    outs: list[dict[str, Any]] = []
-    out: dict[str, Any] = {}
+    weights = _checked(job.weights, program.fresh_weights, "weights", job.dtype, "this model has")
+    state = _checked_state(job.optimizer_state, program, job.dtype)
     start = time.perf_counter()
     # Converted once, not on every step of a k-step call.
-    tensors = [tf.constant(a) for a in args]
+    tensors = [
+        tf.constant(np.asarray(job.x, dtype)),
+        _empty(job.dtype, (1,)) if job.y is None else tf.constant(np.asarray(job.y, dtype)),
+        _empty(job.dtype, (0,)) if job.actions is None else tf.constant(np.asarray(job.actions, dtype)),
+        _empty(job.dtype, (0,)) if job.returns is None else tf.constant(np.asarray(job.returns, dtype)),
+    ]
+    packed: Any = _pack([*weights, *state], job.dtype)
     step = program.fns["step"]
+    records: list[Any] = []
+    grads: list[Any] = []
     for _ in range(job.steps):
-        # Dropout masks depend on (layer seed, iteration) only, so a step is the same however it is batched.
-        for generator, seed in program.seeded:
-            generator.state.assign(np.asarray([seed, int(iterations.numpy())], generator.state.dtype))
-        out = step(*tensors)
-        outs.append(out)
-    history = _records(outs)
-    weights = [np.asarray(w, dtype) for w in program.model.get_weights()]
-    state = kb.optimizer_state(program.optimizer, job.dtype)
+        # Each step's packed output feeds the next as a tensor; only the last becomes a numpy array.
+        record, grads, packed = step(*tensors, packed)
+        records.append(record)
+    history = _records(records)
+    arrays = _unpack(packed.numpy(), [*program.fresh_weights, *program.fresh_state])
+    count = len(program.fresh_weights)
     gradients = None
     if job.return_gradients:
-        arrays = {k: v.numpy() for k, v in out.items() if k.startswith("grad/")}
-        gradients = _spread(arrays, "grad", _trainable_mask(program.model), program.fresh_weights)
+        out = {f"grad/{i}": g.numpy() for i, g in enumerate(grads)}
+        gradients = _spread(out, "grad", _trainable_mask(program.model), program.fresh_weights)
     return TrainStepResult(
         history=history,
-        weights=weights,
-        optimizer_state=state,
+        weights=arrays[:count],
+        optimizer_state=arrays[count:],
         gradients=gradients,
         cache=cache,
         compute_ms=(time.perf_counter() - start) * 1000.0,
@@ -479,7 +591,11 @@ def _compile_expression_step(job: ExpressionStepJob, limits: Limits) -> _Program
     optimizer.build(variables)
     fresh_state = kb.optimizer_state(optimizer, job.dtype)
 
-    def step(*constants: Any) -> dict[str, Any]:
+    carried = [*variables, *kb.optimizer_state_variables(optimizer)]
+
+    def step(*inputs: Any) -> tuple[Any, Any]:
+        *constants, packed = inputs
+        _assign_packed(carried, packed)  # then the step, then the reads (automatic control dependencies)
         with tf.GradientTape() as tape:
             env = {name: v.value for name, v in zip(names, variables, strict=True)}
             env |= dict(zip(const_names, constants, strict=True))
@@ -493,16 +609,12 @@ def _compile_expression_step(job: ExpressionStepJob, limits: Limits) -> _Program
         grads = tape.gradient(value, [v.value for v in variables], unconnected_gradients=_ZERO)
         clipped = kb.apply_clip(grads, job.clip)
         optimizer.apply(clipped, variables)
-        zero = tf.zeros([], tf_dtype)
-        return {
-            "loss": value,
-            "data_loss": value,
-            "regularization_loss": zero,
-            "gradient_norm": tf.linalg.global_norm(grads),
-            "clipped_gradient_norm": tf.linalg.global_norm(clipped),
-        }
+        norms = [tf.linalg.global_norm(grads), tf.linalg.global_norm(clipped)]
+        record = tf.stack([tf.cast(q, tf_dtype) for q in [value, value, tf.zeros([], tf_dtype), *norms]])
+        return record, _read_packed(carried, tf_dtype)
 
     specs = [tf.TensorSpec(job.constants[name].shape, tf_dtype) for name in const_names]
+    specs.append(_packed_spec(carried, tf_dtype))
     return _Program(
         fns={"step": _trace(step, specs)}, optimizer=optimizer, variables=variables, fresh_state=fresh_state
     )
@@ -513,20 +625,23 @@ def _expression_step(job: ExpressionStepJob, limits: Limits) -> ExpressionStepRe
         raise InvalidRequest(f"steps must be between 1 and {limits.max_steps}", field="steps")
     program, cache = _CACHE.get_or_build(job.signature(), lambda: _compile_expression_step(job, limits))
     dtype = np.dtype(job.dtype)
-    for var, name in zip(program.variables, job.variables, strict=True):
-        var.assign(np.asarray(job.variables[name], dtype))
-    kb.assign_optimizer_state(program.optimizer, job.optimizer_state, program.fresh_state)
+    state = _checked_state(job.optimizer_state, program, job.dtype)
     constants = [tf.constant(np.asarray(job.constants[name], dtype)) for name in job.constants]
+    variables = [np.asarray(job.variables[name], dtype) for name in job.variables]
+    packed: Any = _pack([*variables, *state], job.dtype)
     start = time.perf_counter()
     step = program.fns["step"]
-    history = _records([step(*constants) for _ in range(job.steps)])
+    records: list[Any] = []
+    for _ in range(job.steps):
+        record, packed = step(*constants, packed)
+        records.append(record)
+    history = _records(records)
+    arrays = _unpack(packed.numpy(), [*variables, *state])
+    count = len(variables)
     return ExpressionStepResult(
         history=history,
-        variables={
-            name: np.asarray(v.numpy(), dtype)
-            for name, v in zip(job.variables, program.variables, strict=True)
-        },
-        optimizer_state=kb.optimizer_state(program.optimizer, job.dtype),
+        variables=dict(zip(job.variables, arrays[:count], strict=True)),
+        optimizer_state=arrays[count:],
         cache=cache,
         compute_ms=(time.perf_counter() - start) * 1000.0,
     )

@@ -8,7 +8,7 @@ Imported only in worker processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from service.errors import InvalidRequest, ShapeError
+from service.errors import InvalidRequest
 from service.models.layout import (
     OPTIMIZER_DEFAULTS,
     init_seed,
@@ -26,7 +26,6 @@ from service.models.layout import (
 
 __all__ = [
     "apply_clip",
-    "assign_optimizer_state",
     "build_model",
     "initial_weights",
     "make_loss",
@@ -198,31 +197,6 @@ def optimizer_state_variables(optimizer: keras.optimizers.Optimizer) -> list[Any
 
 def optimizer_state(optimizer: keras.optimizers.Optimizer, dtype: str) -> list[np.ndarray]:
     return [np.asarray(v.numpy(), dtype=dtype) for v in optimizer_state_variables(optimizer)]
-
-
-def assign_optimizer_state(
-    optimizer: keras.optimizers.Optimizer, state: Sequence[np.ndarray] | None, fresh: Sequence[np.ndarray]
-) -> None:
-    """Load ``state`` (or the optimizer's initial ``fresh`` state) into its variables."""
-    variables = optimizer_state_variables(optimizer)
-    values = fresh if state is None else state
-    if len(values) != len(variables):
-        raise ShapeError(
-            f"optimizer_state has {len(values)} tensors; this optimizer and model need {len(variables)}",
-            field="optimizer_state",
-        )
-    for i, (var, value) in enumerate(zip(variables, values, strict=True)):
-        if tuple(value.shape) != tuple(var.shape):
-            raise ShapeError(
-                f"optimizer_state[{i}] has shape {list(value.shape)}; it must be {list(var.shape)}",
-                field=f"optimizer_state[{i}]",
-            )
-        if i == 0 and (not np.isfinite(value) or value < 0 or value != np.round(value)):
-            raise InvalidRequest(
-                "optimizer_state[0] is the iteration count: a non-negative integer",
-                field="optimizer_state[0]",
-            )
-        var.assign(np.asarray(value).astype(var.dtype))
 
 
 def apply_clip(grads: list[Any], clip: Mapping[str, float] | None) -> list[Any]:

@@ -1,0 +1,326 @@
+"""Training steps load weights and optimizer state in one traced call and read them back in one.
+
+Pinned against in-process Keras (the guide's custom training loop, with Keras' own clipping), over
+the engine, over the app in-process (JSON lists and base64 both ways) and over a real server, whose
+worker pool carries the packed results between processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from fastapi.testclient import TestClient
+
+from service.api import Settings, create_app
+from service.api.model_job import request_elements
+from service.api.model_schemas import ModelSpec, TrainStepRequest
+from service.api.routes import model as model_routes
+from service.api.routes.model import run_train_step
+from service.engine import execute
+from service.engine.jobs import TrainStepJob, TrainStepResult
+from service.errors import ShapeError
+from service.limits import Limits
+
+RAW_SPEC: dict[str, Any] = {
+    "input_shape": [3],
+    "seed": 7,
+    "layers": [
+        {"type": "dense", "units": 8, "activation": "relu"},
+        # momentum 1: the moving statistics (non-trainable weights) keep their loaded values exactly.
+        {"type": "batch_norm", "momentum": 1.0},
+        {"type": "dense", "units": 2},
+    ],
+}
+SPEC = ModelSpec.model_validate(RAW_SPEC).model_dump()
+MSE = {"type": "mse", "from_logits": False, "delta": 1.0}
+RNG = np.random.default_rng(11)
+X = RNG.normal(size=(6, 3)).astype(np.float32)
+Y = RNG.normal(size=(6, 2)).astype(np.float32)
+# kernel, bias, gamma, beta, moving_mean, moving_variance (> 0), kernel, bias: get_weights() order.
+SHAPES = [(3, 8), (8,), (8,), (8,), (8,), (8,), (8, 2), (2,)]
+WEIGHTS = [RNG.normal(scale=0.5, size=s).astype(np.float32) for s in SHAPES]
+WEIGHTS[5] = np.abs(WEIGHTS[5]) + 0.5
+CLIP_NORM = 0.5
+# Through the wire schema, so every default is filled in as the API fills it.
+def optimizer_config(raw: dict[str, Any]) -> dict[str, Any]:
+    request = TrainStepRequest.model_validate({"model": RAW_SPEC, "x": [[0.0] * 3], "optimizer": raw})
+    return request.optimizer.model_dump()
+
+
+ADAM = optimizer_config({"type": "adam", "learning_rate": 0.05})
+SGD = optimizer_config({"type": "sgd", "learning_rate": 0.1, "momentum": 0.9})
+Trained = tuple[list[np.ndarray], list[np.ndarray], list[float]]  # weights, optimizer state, losses
+
+
+def keras_model(weights: list[np.ndarray]) -> keras.Model:
+    """The same network written by hand with Keras (not through our builder)."""
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.BatchNormalization(momentum=1.0),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.set_weights(weights)
+    return model
+
+
+def keras_steps(
+    weights: list[np.ndarray], steps: int, x: np.ndarray = X, y: np.ndarray = Y, sgd: bool = False
+) -> Trained:
+    """Adam (or SGD) with clipnorm, ``steps`` times: the new weights, the optimizer state and losses."""
+    model = keras_model(weights)
+    if sgd:
+        optimizer = keras.optimizers.SGD(learning_rate=0.1, momentum=0.9, clipnorm=CLIP_NORM)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=0.05, clipnorm=CLIP_NORM)
+    loss_fn = keras.losses.MeanSquaredError()
+    losses = []
+    for _ in range(steps):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        losses.append(float(loss))
+    # The documented order: the iteration count, then the slots; the learning rate is not state.
+    state = [np.asarray(v.numpy(), np.float32) for v in optimizer.variables if "learning_rate" not in v.path]
+    return [np.asarray(w) for w in model.get_weights()], state, losses
+
+
+def close(a: list[np.ndarray], b: list[np.ndarray], rtol: float = 1e-5) -> None:
+    assert len(a) == len(b)
+    for i, (p, q) in enumerate(zip(a, b, strict=True)):
+        assert p.shape == q.shape, i
+        np.testing.assert_allclose(p, q, rtol=rtol, atol=1e-6, err_msg=f"tensor {i}")
+
+
+def step_job(
+    weights: Any, state: Any, *, steps: int = 1, optimizer: Any = None, x: Any = X, y: Any = Y
+) -> TrainStepJob:
+    return TrainStepJob(
+        SPEC, x, y, weights, optimizer or ADAM, state, MSE, clip={"norm": CLIP_NORM}, steps=steps
+    )
+
+
+def run(job: TrainStepJob) -> TrainStepResult:
+    result = execute(job, Limits())
+    assert isinstance(result, TrainStepResult)
+    return result
+
+
+# --- the engine
+
+
+def test_weights_in_equal_weights_out_at_zero_learning_rate() -> None:
+    sgd = {"type": "sgd", "learning_rate": 0.0, "momentum": 0.0, "nesterov": False}
+    result = run(step_job(WEIGHTS, [np.asarray(41.0, np.float32)], optimizer=sgd))
+    # Bit for bit: the loaded values, read back after a step that moves nothing (moving stats included).
+    for given, got in zip(WEIGHTS, result.weights, strict=True):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, given)
+    # They were loaded before the forward pass: the loss is Keras' loss at these weights.
+    reference = keras.losses.MeanSquaredError()(Y, keras_model(WEIGHTS)(X, training=True))
+    assert result.history[0].loss == pytest.approx(float(reference), rel=1e-6)
+    # And the optimizer state was loaded and read back: the iteration count went on from 41.
+    assert [s.tolist() for s in result.optimizer_state] == [42.0]
+
+
+def test_a_step_from_given_weights_and_state_equals_the_next_keras_step() -> None:
+    w2, state2, _ = keras_steps(WEIGHTS, 2)
+    w3, state3, losses = keras_steps(WEIGHTS, 3)
+    assert state2[0] == 2.0 and len(state2) == 1 + 2 * 6  # iteration, then m and v of six trainables
+    result = run(step_job(w2, state2))
+    close(result.weights, w3)
+    close(result.optimizer_state, state3)
+    assert result.history[0].loss == pytest.approx(losses[2], rel=1e-5)
+
+
+def test_k_steps_in_one_call_equal_keras_and_return_every_loss() -> None:
+    w4, state4, losses = keras_steps(WEIGHTS, 4)
+    result = run(step_job(WEIGHTS, None, steps=4))
+    close(result.weights, w4)
+    close(result.optimizer_state, state4)
+    np.testing.assert_allclose([h.loss for h in result.history], losses, rtol=1e-5)
+
+
+def test_one_compiled_program_serves_every_batch_size() -> None:
+    # SGD: Adam's first step divides tiny gradients by their own size, too sensitive for 2 examples.
+    for n in (6, 2, 5):
+        w, state, _ = keras_steps(WEIGHTS, 1, X[:n], Y[:n], sgd=True)
+        result = run(step_job(WEIGHTS, None, x=X[:n], y=Y[:n], optimizer=SGD))
+        close(result.weights, w)
+        close(result.optimizer_state, state)
+
+
+def test_the_worker_checks_shapes_before_loading() -> None:
+    bad = [*WEIGHTS[:2], np.zeros((9,), np.float32), *WEIGHTS[3:]]
+    with pytest.raises(ShapeError) as error:
+        run(step_job(bad, None))
+    assert error.value.extra["field"] == "weights[2]"
+    assert "[9]" in str(error.value) and "[8]" in str(error.value)
+    with pytest.raises(ShapeError) as error:
+        run(step_job(WEIGHTS, [np.asarray(0.0, np.float32)]))  # Adam needs its slots too
+    assert error.value.extra["field"] == "optimizer_state"
+
+
+# --- the app in-process
+
+
+class InlinePool:
+    """The pool's contract with the real engine in this process; jobs and results pickled both ways."""
+
+    ready = True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self, grace_s: float | None = None) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"workers": [], "queue_depth": 0, "in_flight": 0}
+
+    async def run(self, job: Any, *, timeout_s: float | None = None, affinity: str | None = None) -> Any:
+        def work() -> Any:
+            result = execute(pickle.loads(pickle.dumps(job, protocol=5)), Limits())  # noqa: S301 (our own job)
+            return pickle.loads(pickle.dumps(result, protocol=5))  # noqa: S301 (our own result)
+
+        return await asyncio.to_thread(work)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(), pool=InlinePool()), raise_server_exceptions=False) as c:
+        yield c
+
+
+def b64(array: np.ndarray) -> dict[str, Any]:
+    a = np.asarray(array, "<f4")
+    return {"dtype": "float32", "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode()}
+
+
+def from_wire(value: Any) -> np.ndarray:
+    if isinstance(value, dict):
+        raw = base64.b64decode(value["b64"])
+        return np.frombuffer(raw, value["dtype"]).reshape(value["shape"]).astype(np.float32)
+    return np.asarray(value, np.float32)
+
+
+def body(weights: list[np.ndarray] | None, state: list[np.ndarray] | None, encoding: str) -> dict[str, Any]:
+    def wire(a: np.ndarray) -> Any:
+        return b64(a) if encoding == "base64" else a.tolist()
+
+    out: dict[str, Any] = {
+        "model": RAW_SPEC, "x": wire(X), "y": wire(Y), "loss": "mse", "encoding": encoding,
+        "optimizer": {"type": "adam", "learning_rate": 0.05}, "clip": {"norm": CLIP_NORM},
+    }  # fmt: skip
+    if weights is not None:
+        out["weights"] = [wire(w) for w in weights]
+    if state is not None:
+        out["optimizer_state"] = [wire(s) for s in state]
+    return out
+
+
+def http_steps(post: Any, encoding: str, steps: int) -> Trained:
+    """``steps`` single-step requests, each sending back the weights and state of the previous answer."""
+    weights: list[np.ndarray] | None = WEIGHTS
+    state: list[np.ndarray] | None = None
+    losses = []
+    for _ in range(steps):
+        response = post(body(weights, state, encoding))
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        if encoding == "base64":
+            assert all(isinstance(t, dict) for t in answer["weights"] + answer["optimizer_state"])
+        weights = [from_wire(w) for w in answer["weights"]]
+        state = [from_wire(s) for s in answer["optimizer_state"]]
+        losses.append(answer["loss"])
+    assert weights is not None and state is not None
+    return weights, state, losses
+
+
+def test_steps_with_base64_and_with_json_lists_equal_keras(client: TestClient) -> None:
+    def post(payload: dict[str, Any]) -> Any:
+        return client.post("/v1/model/train-step", json=payload)
+
+    reference = keras_steps(WEIGHTS, 3)
+    as_json = http_steps(post, "json", 3)
+    as_b64 = http_steps(post, "base64", 3)
+    for weights, state, losses in (as_json, as_b64):
+        close(weights, reference[0])
+        close(state, reference[1])
+        np.testing.assert_allclose(losses, reference[2], rtol=1e-5)
+    # float32 values survive both wire forms exactly, so the two runs are the same computation.
+    for a, b in zip(as_json[0] + as_json[1], as_b64[0] + as_b64[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("encoding", ["json", "base64"])
+def test_a_mismatched_weight_shape_is_a_422_shape_error_naming_the_field(
+    client: TestClient, encoding: str
+) -> None:
+    bad = [*WEIGHTS[:6], np.zeros((2, 8), np.float32), WEIGHTS[7]]
+    response = client.post("/v1/model/train-step", json=body(bad, None, encoding))
+    assert response.status_code == 422
+    problem = response.json()
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert problem["code"] == "shape_error"
+    assert problem["field"] == "weights[6]"
+    assert "[2, 8]" in problem["detail"] and "[8, 2]" in problem["detail"]
+
+
+def test_run_train_step_is_a_plain_coroutine_without_a_request() -> None:
+    request = TrainStepRequest.model_validate(body(WEIGHTS, None, "base64") | {"steps": 2})
+    content = asyncio.run(run_train_step(request, Settings(), InlinePool()))
+    weights, state, losses = keras_steps(WEIGHTS, 2)
+    close([from_wire(w) for w in content["weights"]], weights)
+    close([from_wire(s) for s in content["optimizer_state"]], state)
+    assert [h["loss"] for h in content["history"]] == pytest.approx(losses, rel=1e-5)
+    assert content["steps"] == 2 and content["meta"]["cache"] in ("hit", "miss")
+    bad = TrainStepRequest.model_validate(body([WEIGHTS[0]], None, "json"))
+    with pytest.raises(ShapeError) as error:
+        asyncio.run(run_train_step(bad, Settings(), InlinePool()))
+    assert error.value.extra["field"] == "weights"
+
+
+def test_large_requests_decode_and_render_in_a_thread_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(model_routes, "_OFFLOAD_ELEMENTS", 0)
+    request = TrainStepRequest.model_validate(body(WEIGHTS, None, "json"))
+    content = asyncio.run(run_train_step(request, Settings(), InlinePool()))
+    weights, _, _ = keras_steps(WEIGHTS, 1)
+    close([from_wire(w) for w in content["weights"]], weights)
+
+
+def test_request_elements_counts_claimed_shapes_without_decoding() -> None:
+    request = TrainStepRequest.model_validate(body(WEIGHTS, None, "base64"))
+    assert request_elements(request) == X.size + Y.size + sum(w.size for w in WEIGHTS)
+    as_lists = TrainStepRequest.model_validate(body(None, None, "json"))
+    assert request_elements(as_lists) == X.size + Y.size
+
+
+# --- a real server: the worker pool carries jobs and packed results between processes
+
+
+def test_a_real_server_steps_with_base64_equal_keras(ready_server: Any) -> None:
+    with httpx.Client(base_url=ready_server.url, timeout=60.0) as http:
+
+        def post(payload: dict[str, Any]) -> Any:
+            return http.post("/v1/model/train-step", json=payload)
+
+        weights, state, losses = http_steps(post, "base64", 2)
+    reference = keras_steps(WEIGHTS, 2)
+    close(weights, reference[0])
+    close(state, reference[1])
+    np.testing.assert_allclose(losses, reference[2], rtol=1e-5)
