@@ -96,8 +96,12 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
     app.add_middleware(
         FastPathMiddleware,
         state=app.state,
-        endpoints={"/v1/gradient": gradient.FAST_ENDPOINT, "/gradient": gradient.FAST_ENDPOINT},
-        routes=gradient.router.routes,
+        endpoints={
+            "/v1/gradient": gradient.FAST_ENDPOINT,
+            "/gradient": gradient.FAST_ENDPOINT,
+            "/v1/model/train-step": model.FAST_TRAIN_STEP,
+        },
+        routes=[*gradient.router.routes, *model.router.routes],
     )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     # Outside the body limit (a refused client's body is never read), inside the UM-Bridge errors.

@@ -41,6 +41,8 @@ class FastEndpoint:
 
     model: type[BaseModel]
     run: EndpointRun
+    # Which valid bodies the fast path answers (None: all); the others go to the route, e.g. streams.
+    accepts: Callable[[Any], bool] | None = None
 
 
 def _is_json(scope: Scope) -> bool:
@@ -85,7 +87,7 @@ class FastPathMiddleware:
             return
         body, ended = await _read_body(receive)
         parsed = _validate(endpoint.model, body) if ended else None
-        if parsed is None:
+        if parsed is None or (endpoint.accepts is not None and not endpoint.accepts(parsed)):
             await self.app(scope, _replay(body, ended, receive), send)
             return
         scope["route"] = self.routes.get(path)

@@ -6,7 +6,7 @@ raw bytes), and ``service.engine.execute`` turns each into its result inside the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -244,6 +244,9 @@ class ModelGradientJob:
             ]
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self)
+
 
 @dataclass(slots=True)
 class ModelGradientResult:
@@ -259,6 +262,9 @@ class ModelGradientResult:
     adversarial_loss: float | None = None
     cache: str = "miss"
     compute_ms: float = 0.0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self)
 
 
 @dataclass(slots=True)
@@ -296,6 +302,9 @@ class TrainStepJob:
             ]
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self)
+
 
 @dataclass(slots=True)
 class StepRecord:
@@ -316,6 +325,9 @@ class TrainStepResult:
     gradients: list[np.ndarray] | None = None  # of the last step, before clipping
     cache: str = "miss"
     compute_ms: float = 0.0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self)
 
 
 @dataclass(slots=True)
@@ -346,6 +358,9 @@ class ExpressionStepJob:
             ]
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self)
+
 
 @dataclass(slots=True)
 class ExpressionStepResult:
@@ -354,6 +369,52 @@ class ExpressionStepResult:
     optimizer_state: list[np.ndarray]
     cache: str = "miss"
     compute_ms: float = 0.0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _reduce(self)
+
+
+# The fields of each job and result that hold arrays (an array, a list or a dict of them, or None):
+# packed like GradientJob's for the pipe. Everything else pickles as it is.
+_ARRAY_FIELDS: dict[type, tuple[str, ...]] = {
+    ModelGradientJob: ("x", "y", "weights", "tangents"),
+    ModelGradientResult: ("weights", "weight_gradients", "input_gradients", "saliency", "hvp", "x_adv"),
+    TrainStepJob: ("x", "y", "weights", "optimizer_state", "actions", "returns"),
+    TrainStepResult: ("weights", "optimizer_state", "gradients"),
+    ExpressionStepJob: ("variables", "constants", "optimizer_state"),
+    ExpressionStepResult: ("variables", "optimizer_state"),
+}
+
+
+def _pack_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_pack(a) for a in value]
+    if isinstance(value, dict):
+        return {k: _pack(a) for k, a in value.items()}
+    return _pack(value)
+
+
+def _unpack_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_unpack(a) for a in value]
+    if isinstance(value, dict):
+        return {k: _unpack(a) for k, a in value.items()}
+    return _unpack(value)
+
+
+def _reduce(obj: Any) -> tuple[Any, ...]:
+    """Compact pickling of a dataclass job or result: its field values, array fields packed."""
+    arrays = _ARRAY_FIELDS[type(obj)]
+    values = tuple(
+        _pack_value(getattr(obj, f.name)) if f.name in arrays else getattr(obj, f.name) for f in fields(obj)
+    )
+    return _rebuild, (type(obj), values)
+
+
+def _rebuild(cls: type, values: tuple[Any, ...]) -> Any:
+    arrays = _ARRAY_FIELDS[cls]
+    names = [f.name for f in fields(cls)]
+    return cls(*(_unpack_value(v) if name in arrays else v for name, v in zip(names, values, strict=True)))
 
 
 Job = GradientJob | ModelGradientJob | TrainStepJob | ExpressionStepJob

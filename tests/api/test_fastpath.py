@@ -127,3 +127,16 @@ def test_auth_and_body_limits_still_apply() -> None:
         huge = {**GOOD, "expression": "x" * (SMALL_LIMITS["max_body_bytes"] + 1)}
         big = c.post("/v1/gradient", json=huge, headers={"authorization": "Bearer s3cret"})
         assert big.status_code == 413 and big.json()["code"] == "payload_too_large"
+
+
+def test_train_steps_take_the_fast_path_unless_they_stream() -> None:
+    from service.api.model_schemas import TrainStepRequest
+    from service.api.routes.model import FAST_TRAIN_STEP
+
+    base = {"model": {"input_shape": [2], "layers": [{"type": "dense", "units": 1}]}, "x": [[1.0, 2.0]],
+            "y": [[0.5]], "loss": "mse", "optimizer": {"type": "sgd", "learning_rate": 0.1}}  # fmt: skip
+    assert FAST_TRAIN_STEP.accepts is not None
+    for extra, fast in (({}, True), ({"steps": 3}, True), ({"steps": 3, "stream": True}, False),
+                        ({"steps": 1, "stream": True}, True)):  # fmt: skip
+        body = TrainStepRequest.model_validate({**base, **extra})
+        assert FAST_TRAIN_STEP.accepts(body) is fast, extra

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import pickle
 import threading
 from typing import Any
 
 import numpy as np
+import pytest
 
-from service.engine.jobs import GradientJob, GradientResult
+from service.engine.jobs import (
+    ExpressionStepJob,
+    ExpressionStepResult,
+    GradientJob,
+    GradientResult,
+    ModelGradientJob,
+    ModelGradientResult,
+    StepRecord,
+    TrainStepJob,
+    TrainStepResult,
+)
 from service.errors import ShapeError, TapeserveError
 from service.workers import transport
 
@@ -126,3 +138,39 @@ def test_gradient_results_cross_whole() -> None:
     pairs = zip(back.higher["derivatives"], result.higher["derivatives"], strict=True)
     assert back.higher["order"] == 2 and all(_arrays_equal(a, b) for a, b in pairs)
     assert (back.jacobian, back.hvp, back.vjp, back.cache, back.compute_ms) == (None, None, None, "hit", 0.42)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, np.ndarray | np.generic):
+        return _arrays_equal(a, b)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _training_messages() -> list[Any]:
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(32, 64)).astype(np.float32), np.zeros(64, np.float32)]
+    state = [np.ones((), np.int64), rng.normal(size=(32, 64)).astype(np.float32)]
+    x = rng.normal(size=(64, 32)).astype(np.float32)  # over the packing size: out of band
+    record = StepRecord(1.0, 0.9, 0.1, 2.0, 1.0)
+    model = {"input_shape": [32], "layers": [{"type": "dense", "units": 64}], "seed": 0}
+    return [
+        TrainStepJob(model, x, x[:, :1], weights, {"type": "adam"}, state, {"type": "mse"}, {"norm": 1.0},
+                     actions=np.arange(3), returns=np.ones(3), steps=5, dtype="float32"),  # fmt: skip
+        TrainStepResult([record], weights, state, gradients=None, cache="hit", compute_ms=1.5),
+        ModelGradientJob(model, x, None, None, {"type": "mse"}, wrt=("inputs",), tangents=weights),
+        ModelGradientResult(1.0, 0.5, 0.5, weights=weights, input_gradients=x, x_adv=None),
+        ExpressionStepJob("sum(w**2)", {"w": np.ones(3)}, {"c": np.float64(2.0)}, optimizer_state=state),
+        ExpressionStepResult([record], {"w": np.ones(3)}, state),
+    ]
+
+
+@pytest.mark.parametrize("message", _training_messages(), ids=lambda m: type(m).__name__)
+def test_training_jobs_and_results_cross_whole(message: Any) -> None:
+    back = roundtrip(("job", 1, message))[2]
+    assert type(back) is type(message)
+    for f in dataclasses.fields(message):
+        assert _same(getattr(message, f.name), getattr(back, f.name)), f.name

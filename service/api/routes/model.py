@@ -9,9 +9,11 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 from starlette.responses import Response
 
 from service.api.deps import GradientPool, OrjsonResponse, PoolDep, SettingsDep, TapeserveRoute
+from service.api.fastpath import FastEndpoint
 from service.api.model_job import (
     NDJSON_MEDIA_TYPE,
     StepJob,
@@ -38,7 +40,15 @@ from service.api.settings import Settings
 from service.engine.jobs import ModelGradientResult, TrainStepJob, TrainStepResult
 from service.errors import InvalidRequest, TapeserveError
 
-__all__ = ["PROBLEMS", "STREAM_RESPONSE", "check_timeout", "router", "run_steps", "run_train_step"]
+__all__ = [
+    "FAST_TRAIN_STEP",
+    "PROBLEMS",
+    "STREAM_RESPONSE",
+    "check_timeout",
+    "router",
+    "run_steps",
+    "run_train_step",
+]
 
 router = APIRouter(route_class=TapeserveRoute, tags=["models"])
 
@@ -171,6 +181,16 @@ async def run_train_step(body: TrainStepRequest, settings: Settings, pool: Gradi
     if large or _result_elements(checked) > _OFFLOAD_ELEMENTS:
         return await run_in_threadpool(render_train_step, [checked], body.encoding, total_ms, body.steps)
     return render_train_step([checked], body.encoding, total_ms, body.steps)
+
+
+async def _fast_train_step(body: TrainStepRequest, state: State, body_bytes: int) -> dict[str, Any]:
+    return await run_train_step(body, state.settings, state.pool)
+
+
+# Served by service.api.fastpath, except streams (the route writes those as NDJSON).
+FAST_TRAIN_STEP = FastEndpoint(
+    TrainStepRequest, _fast_train_step, accepts=lambda body: not body.stream or body.steps == 1
+)
 
 
 def _result_elements(result: TrainStepResult) -> int:
