@@ -1,7 +1,8 @@
 """The pool under uvloop, the loop the server runs on: large replies written in parts arrive whole.
 
-(Reading the pipe from libuv's poll once turned the socket non-blocking, and a reply written in
-several parts then failed half-read: the worker was reaped as if it had died.)
+(Once, a blocking reader sharing the socket with libuv's poll saw it turned non-blocking, and a reply
+written in several parts failed half-read: the worker was reaped as if it had died. The loop now
+reads the pipe itself, frame by frame, and this stays the regression test.)
 """
 
 from __future__ import annotations
