@@ -51,8 +51,11 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, le=3600, description="Deadline of a request, seconds.")
     # A few seconds of backlog at typical request rates; beyond it clients are told to retry (503).
     queue_size: int = Field(64, ge=1, le=100_000, description="Requests waiting for a worker before 503.")
-    # Recycling bounds slow leaks in TF and in the program cache without visible cost (one respawn).
-    worker_max_jobs: int = Field(10_000, ge=1, description="Jobs a worker serves before it is replaced.")
+    # Recycling bounds slow leaks in TF and in the program cache without visible cost: the successor
+    # warms up while the old process serves on.
+    worker_max_jobs: int = Field(
+        10_000, ge=1, description="Jobs after which a worker is replaced (its successor warms up first)."
+    )
     # None: no ceiling beyond the machine's; set it on shared hosts.
     worker_memory_mb: int | None = Field(None, ge=256, description="Memory ceiling per worker, MiB.")
     # None: memory growth on, so workers sharing a GPU take only what they use.

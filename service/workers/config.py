@@ -34,7 +34,7 @@ class PoolConfig:
     devices: tuple[str, ...]
     queue_size: int = 64  # jobs waiting (not yet on a worker) before Overloaded
     default_timeout_s: float = 30.0  # also the ceiling: a request may ask for less, never more
-    max_jobs_per_worker: int = 10_000  # recycle a worker after this many jobs (never drops a request)
+    max_jobs_per_worker: int = 10_000  # replace a worker after this many jobs; its successor warms up first
     memory_limit_mb: int | None = None  # RSS ceiling per worker; above it, recycled after its current job
     gpu_memory_limit_mb: int | None = None  # else memory growth on
     intra_op_threads: int = 1  # TF threads for CPU workers

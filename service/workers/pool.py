@@ -5,7 +5,9 @@ transport (``_Pipe``), so replies are read by the loop itself, with no thread ho
 block it (a wedged child only makes the transport buffer). The pipe's end (EOF) is how a death is
 noticed; a short-lived thread then reaps the process and reports its exit code to the loop. Jobs wait
 in one bounded FIFO queue; a free worker takes the head, and among several free workers the one that
-recently served the same affinity key (compile-cache signature) wins.
+recently served the same affinity key (compile-cache signature) wins. A worker that has served its
+``max_jobs_per_worker`` is replaced without a gap: its successor starts while it serves on, and takes
+over once warm.
 
 What ``run`` raises, besides the handler's own TapeserveError rebuilt in the parent::
 
@@ -93,6 +95,8 @@ class _Incarnation:
     jobs: int = 0
     failure: str | None = None  # why it could not start, as the child reported it
     stop_timer: asyncio.TimerHandle | None = None
+    retired: str | None = None  # replaced by a warm successor for this cause; its exit restarts nothing
+    successor_failed: bool = False  # a successor died starting: recycle this one the plain way
 
 
 @dataclass(eq=False)
@@ -114,6 +118,8 @@ class _Worker:
     last_assigned: float = 0.0
     respawn_timer: asyncio.TimerHandle | None = None
     rss_mb: float | None = None
+    # The process that will take over when this one is recycled: started while this one serves.
+    successor: _Incarnation | None = None
 
 
 class _Pipe(asyncio.Protocol):
@@ -316,6 +322,8 @@ class WorkerPool:
             if worker.respawn_timer is not None:
                 worker.respawn_timer.cancel()
                 worker.respawn_timer = None
+            if worker.successor is not None:
+                _kill_quietly(worker.successor.process)  # never served: nothing to lose
             if worker.current is not None:
                 request = worker.current
                 worker.current = None
@@ -330,9 +338,15 @@ class WorkerPool:
 
         # Graceful stops are bounded by their own kill timer; then wait for the readers to see the exits.
         stop_deadline = loop.time() + _STOP_GRACE_S + _EXIT_JOIN_S + 1.0
-        while any(w.incarnation is not None for w in self._workers) and loop.time() < stop_deadline:
+
+        def alive() -> bool:
+            return any(w.incarnation is not None or w.successor is not None for w in self._workers)
+
+        while alive() and loop.time() < stop_deadline:
             await asyncio.sleep(_DRAIN_POLL_S)
         for worker in self._workers:
+            if worker.successor is not None:
+                _kill_quietly(worker.successor.process)
             if worker.incarnation is not None:
                 log.error(
                     "worker %d (pid %s) did not exit; killing it", worker.id, worker.incarnation.process.pid
@@ -449,6 +463,20 @@ class WorkerPool:
         if self._stopping:
             worker.state = STOPPED
             return
+        incarnation = self._launch(worker)
+        if incarnation is None:  # e.g. out of memory or process slots: retry like a crash loop
+            worker.quick_crashes += 1
+            worker.state = BACKOFF
+            worker.respawn_timer = self._running_loop().call_later(
+                _backoff(worker.quick_crashes), self._spawn, worker
+            )
+            return
+        worker.incarnation = incarnation
+        worker.state = STARTING
+        worker.recent.clear()  # a new process has an empty program cache
+
+    def _launch(self, worker: _Worker) -> _Incarnation | None:
+        """Start a process for ``worker``'s slot and attach its pipe (None if it could not start)."""
         config = self._config
         settings = WorkerSettings(
             worker_id=worker.id,
@@ -472,21 +500,13 @@ class WorkerPool:
         )
         try:
             process.start()
-        except OSError as exc:  # e.g. out of memory or process slots: retry like a crash loop
+        except OSError as exc:
             parent_conn.close()
             log.error("could not spawn worker %d: %s", worker.id, exc)
-            worker.quick_crashes += 1
-            worker.state = BACKOFF
-            worker.respawn_timer = self._running_loop().call_later(
-                _backoff(worker.quick_crashes), self._spawn, worker
-            )
-            return
+            return None
         finally:
             child_conn.close()  # the child holds its own copy; ours would hide the child's EOF
         incarnation = _Incarnation(process=process)
-        worker.incarnation = incarnation
-        worker.state = STARTING
-        worker.recent.clear()  # a new process has an empty program cache
         incarnation.pipe = _Pipe(
             on_message=lambda message: self._on_message(worker, incarnation, message),
             on_closed=lambda: self._reap(worker, incarnation),
@@ -498,6 +518,37 @@ class WorkerPool:
         task = self._running_loop().create_task(self._connect(worker, incarnation, sock))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return incarnation
+
+    def _recycle(self, worker: _Worker) -> None:
+        """Replace an idle worker that has served its jobs, without a gap: its successor starts
+        while it keeps serving, and takes over once warm (TF's import and warm-up take seconds, a
+        stall for every request if the slot stood empty meanwhile)."""
+        incarnation = worker.incarnation
+        assert incarnation is not None
+        if worker.successor is not None:
+            if worker.successor.ready:
+                self._swap(worker)
+            return  # still starting; this one serves until then
+        if incarnation.successor_failed or self._stopping:
+            self._retire(worker, "recycle")
+            return
+        worker.successor = self._launch(worker)
+        if worker.successor is None:
+            self._retire(worker, "recycle")
+
+    def _swap(self, worker: _Worker) -> None:
+        """The warm successor takes over an idle worker slot; the old process is asked to exit."""
+        old, new = worker.incarnation, worker.successor
+        assert old is not None and new is not None and worker.current is None
+        worker.successor = None
+        worker.incarnation = new
+        worker.state = IDLE
+        worker.recent.clear()  # a new process has an empty program cache
+        worker.restarts["recycle"] += 1
+        old.retired = "recycle"
+        self._write(old, transport.encode(("stop",)))
+        old.stop_timer = self._running_loop().call_later(_STOP_GRACE_S, _kill_quietly, old.process)
 
     def _retire(self, worker: _Worker, cause: str) -> None:
         """Ask an idle worker to exit; it is replaced when its exit is seen."""
@@ -520,6 +571,16 @@ class WorkerPool:
         _kill_quietly(incarnation.process)
 
     def _on_message(self, worker: _Worker, incarnation: _Incarnation, message: tuple[Any, ...]) -> None:
+        if incarnation is worker.successor:
+            if message[0] == "ready":
+                incarnation.ready = True
+                if worker.state == IDLE:
+                    self._swap(worker)
+                    self._dispatch()
+            elif message[0] == "failed":
+                incarnation.failure = str(message[1])
+                log.error("worker %d's successor could not start: %s", worker.id, incarnation.failure)
+            return
         if incarnation is not worker.incarnation:
             return
         kind = message[0]
@@ -546,14 +607,14 @@ class WorkerPool:
             else:
                 self._done(request, error=TapeserveError.from_dict(payload))
             if worker.state == BUSY:
+                worker.state = IDLE
                 limit = self._config.memory_limit_mb
-                if incarnation.jobs >= self._config.max_jobs_per_worker:
-                    self._retire(worker, "recycle")
-                elif limit is not None and rss_mb is not None and rss_mb > limit:
+                if limit is not None and rss_mb is not None and rss_mb > limit:
+                    # Stop first, then start: a second process now would only add to the memory.
                     log.info("worker %d uses %.0f MB > %d MB; recycling it", worker.id, rss_mb, limit)
                     self._retire(worker, "memory")
-                else:
-                    worker.state = IDLE
+                elif incarnation.jobs >= self._config.max_jobs_per_worker:
+                    self._recycle(worker)
             self._dispatch()
 
     def _on_exit(self, worker: _Worker, incarnation: _Incarnation, exitcode: int | None) -> None:
@@ -561,7 +622,25 @@ class WorkerPool:
             incarnation.stop_timer.cancel()
         if incarnation.pipe is not None:
             incarnation.pipe.close()
+        if incarnation is worker.successor:
+            worker.successor = None
+            if not self._stopping:
+                pid = incarnation.process.pid
+                log.warning("worker %d's successor (pid %s) died starting", worker.id, pid)
+                if worker.incarnation is not None:
+                    worker.incarnation.successor_failed = True
+                    if worker.state == IDLE:
+                        self._recycle(worker)  # the plain way now
+            return
         if incarnation is not worker.incarnation:
+            if incarnation.retired is not None:
+                worker.last_exit = {
+                    "cause": incarnation.retired,
+                    "exitcode": exitcode,
+                    "signal": _signal_name(exitcode),
+                    "detail": incarnation.failure,
+                    "at": time.time(),
+                }
             return
         worker.incarnation = None
         cause = worker.exit_cause or "crash"
@@ -592,6 +671,14 @@ class WorkerPool:
             worker.quick_crashes = 1 if healthy else worker.quick_crashes + 1
             delay = _backoff(worker.quick_crashes)
         worker.restarts[cause] += 1
+        successor = worker.successor
+        if successor is not None:  # one was already starting: it takes the slot now
+            worker.successor = None
+            worker.incarnation = successor
+            worker.recent.clear()
+            worker.state = IDLE if successor.ready else STARTING
+            self._dispatch()
+            return
         if delay > 0:
             worker.state = BACKOFF
             worker.respawn_timer = self._running_loop().call_later(delay, self._spawn, worker)

@@ -23,6 +23,12 @@ def warmup() -> None:
     _WARMED = True
 
 
+def slow_warmup() -> None:
+    """A start-up as slow as TensorFlow's import: long enough to see who serves meanwhile."""
+    time.sleep(1.5)
+    warmup()
+
+
 def dispatch(job: dict[str, Any], limits: Limits) -> Any:
     op = job["op"]
     if op == "echo":
