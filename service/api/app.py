@@ -99,6 +99,7 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
         endpoints={
             "/v1/gradient": gradient.FAST_ENDPOINT,
             "/gradient": gradient.FAST_ENDPOINT,
+            "/v1/model/gradient": model.FAST_MODEL_GRADIENT,
             "/v1/model/train-step": model.FAST_TRAIN_STEP,
         },
         routes=[*gradient.router.routes, *model.router.routes],

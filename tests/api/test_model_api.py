@@ -288,3 +288,28 @@ def test_token_inputs_are_not_differentiable(client: TestClient) -> None:
     assert r.status_code == 422 and r.json()["field"] == "x"
     r = client.post("/v1/model/gradient", json={"model": spec, "x": [[1, 4], [0, 0]], "y": [[1.0], [0.0]]})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path", ["/v1/model/gradient", "/v1/model/train-step"])
+def test_model_routes_answer_alike_on_the_fast_path_and_through_fastapi(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    from service.api import fastpath
+
+    body = {"model": MODEL, "x": [[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]], "y": [[0.1, 0.2], [0.3, -0.4]],
+            "loss": "mse", "weights": None}  # fmt: skip
+    if path.endswith("train-step"):
+        body["optimizer"] = {"type": "adam", "learning_rate": 0.01}
+    fast = client.post(path, json=body)
+    with monkeypatch.context() as m:
+        m.setattr(fastpath, "_validate", lambda model, raw: None)  # every body handed to the route
+        slow = client.post(path, json=body)
+    assert fast.status_code == slow.status_code == 200, (fast.text, slow.text)
+
+    def without_timing(answer: dict[str, Any]) -> dict[str, Any]:
+        answer.get("meta", {}).pop("total_ms", None)
+        answer.get("meta", {}).pop("compute_ms", None)
+        answer.get("meta", {}).pop("cache", None)
+        return answer
+
+    assert without_timing(fast.json()) == without_timing(slow.json())

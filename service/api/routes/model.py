@@ -41,11 +41,13 @@ from service.engine.jobs import ModelGradientResult, TrainStepJob, TrainStepResu
 from service.errors import InvalidRequest, TapeserveError
 
 __all__ = [
+    "FAST_MODEL_GRADIENT",
     "FAST_TRAIN_STEP",
     "PROBLEMS",
     "STREAM_RESPONSE",
     "check_timeout",
     "router",
+    "run_model_gradient",
     "run_steps",
     "run_train_step",
 ]
@@ -149,14 +151,41 @@ async def describe(body: DescribeRequest, settings: SettingsDep) -> DescribeResp
     return describe_model(body, settings.limits())
 
 
-async def model_gradient(body: ModelGradientRequest, pool: PoolDep, settings: SettingsDep) -> OrjsonResponse:
-    """Compute a model's loss and gradients w.r.t. weights and/or inputs, HVP, saliency or adversarial x."""
+async def run_model_gradient(
+    body: ModelGradientRequest, settings: Settings, pool: GradientPool
+) -> dict[str, Any]:
+    """The JSON response content of a validated model-gradient request (route and fast path)."""
     timeout_s = check_timeout(body.timeout_s, settings)
-    job = await run_in_threadpool(build_model_gradient_job, body, settings.limits())
+    limits = settings.limits()
+    large = request_elements(body) > _OFFLOAD_ELEMENTS
+    if large:
+        job = await run_in_threadpool(build_model_gradient_job, body, limits)
+    else:
+        job = build_model_gradient_job(body, limits)
     started = time.perf_counter()
     result = _expect(await pool.run(job, timeout_s=timeout_s, affinity=job.signature()), ModelGradientResult)
     total_ms = (time.perf_counter() - started) * 1000.0
-    return OrjsonResponse(await run_in_threadpool(render_model_gradient, result, body.encoding, total_ms))
+    if large or _gradient_elements(result) > _OFFLOAD_ELEMENTS:
+        return await run_in_threadpool(render_model_gradient, result, body.encoding, total_ms)
+    return render_model_gradient(result, body.encoding, total_ms)
+
+
+def _gradient_elements(result: ModelGradientResult) -> int:
+    arrays = [*(result.weights or []), *(result.weight_gradients or []), *(result.hvp or [])]
+    arrays += [a for a in (result.input_gradients, result.saliency, result.x_adv) if a is not None]
+    return sum(a.size for a in arrays)
+
+
+async def _fast_model_gradient(body: ModelGradientRequest, state: State, body_bytes: int) -> dict[str, Any]:
+    return await run_model_gradient(body, state.settings, state.pool)
+
+
+FAST_MODEL_GRADIENT = FastEndpoint(ModelGradientRequest, _fast_model_gradient)
+
+
+async def model_gradient(body: ModelGradientRequest, pool: PoolDep, settings: SettingsDep) -> OrjsonResponse:
+    """Compute a model's loss and gradients w.r.t. weights and/or inputs, HVP, saliency or adversarial x."""
+    return OrjsonResponse(await run_model_gradient(body, settings, pool))
 
 
 async def run_train_step(body: TrainStepRequest, settings: Settings, pool: GradientPool) -> dict[str, Any]:
