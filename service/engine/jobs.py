@@ -55,45 +55,6 @@ def _unpack(packed: _Packed) -> Any:
     return packed
 
 
-def _pack_all(arrays: dict[str, Any] | None) -> dict[str, _Packed] | None:
-    return None if arrays is None else {k: _pack(v) for k, v in arrays.items()}
-
-
-def _unpack_all(arrays: dict[str, _Packed] | None) -> dict[str, Any] | None:
-    return None if arrays is None else {k: _unpack(v) for k, v in arrays.items()}
-
-
-def _gradient_job(state: tuple[Any, ...]) -> GradientJob:
-    expression, variables, constants, functions, derivatives, wrt, tangents, cotangent, *rest = state
-    return GradientJob(
-        expression,
-        _unpack_all(variables) or {},
-        _unpack_all(constants) or {},
-        functions,
-        derivatives,
-        wrt,
-        _unpack_all(tangents) or {},
-        _unpack(cotangent),
-        *rest,
-    )
-
-
-def _gradient_result(state: tuple[Any, ...]) -> GradientResult:
-    value, gradient, jacobian, hessian, hvp, jvp, vjp, higher, cache, compute_ms = state
-    return GradientResult(
-        _unpack(value),
-        _unpack_all(gradient),
-        _unpack_all(jacobian),
-        None if hessian is None else {k: _unpack_all(row) or {} for k, row in hessian.items()},
-        _unpack_all(hvp),
-        _unpack(jvp),
-        _unpack_all(vjp),
-        None if higher is None else {**higher, "derivatives": [_unpack(d) for d in higher["derivatives"]]},
-        cache,
-        compute_ms,
-    )
-
-
 @dataclass(slots=True)
 class GradientJob:
     """One forward evaluation of an expression and every derivative asked of it."""
@@ -134,22 +95,7 @@ class GradientJob:
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Compact pickling for the worker pipe (the hot path of every request); see ``_pack``."""
-        return _gradient_job, (
-            (
-                self.expression,
-                _pack_all(self.variables),
-                _pack_all(self.constants),
-                self.functions,
-                self.derivatives,
-                self.wrt,
-                _pack_all(self.tangents),
-                _pack(self.cotangent),
-                self.order,
-                self.batch,
-                self.dtype,
-            ),
-        )
+        return _reduce(self)
 
 
 @dataclass(slots=True)
@@ -167,25 +113,7 @@ class GradientResult:
     compute_ms: float = 0.0
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Compact pickling for the worker pipe, as GradientJob's."""
-        hessian = self.hessian
-        higher = None if self.higher is None else dict(self.higher)
-        if higher is not None:
-            higher["derivatives"] = [_pack(d) for d in higher["derivatives"]]
-        return _gradient_result, (
-            (
-                _pack(self.value),
-                _pack_all(self.gradient),
-                _pack_all(self.jacobian),
-                None if hessian is None else {k: _pack_all(row) for k, row in hessian.items()},
-                _pack_all(self.hvp),
-                _pack(self.jvp),
-                _pack_all(self.vjp),
-                higher,
-                self.cache,
-                self.compute_ms,
-            ),
-        )
+        return _reduce(self)
 
 
 @dataclass(slots=True)
@@ -374,9 +302,12 @@ class ExpressionStepResult:
         return _reduce(self)
 
 
-# The fields of each job and result that hold arrays (an array, a list or a dict of them, or None):
-# packed like GradientJob's for the pipe. Everything else pickles as it is.
+# The fields of each job and result that hold arrays (arrays, or lists and dicts nesting them, or
+# None): their small arrays are packed for the pipe (the hot path of every request; see ``_pack``).
+# Everything else pickles as it is.
 _ARRAY_FIELDS: dict[type, tuple[str, ...]] = {
+    GradientJob: ("variables", "constants", "tangents", "cotangent"),
+    GradientResult: ("value", "gradient", "jacobian", "hessian", "hvp", "jvp", "vjp", "higher"),
     ModelGradientJob: ("x", "y", "weights", "tangents"),
     ModelGradientResult: ("weights", "weight_gradients", "input_gradients", "saliency", "hvp", "x_adv"),
     TrainStepJob: ("x", "y", "weights", "optimizer_state", "actions", "returns"),
@@ -388,17 +319,18 @@ _ARRAY_FIELDS: dict[type, tuple[str, ...]] = {
 
 def _pack_value(value: Any) -> Any:
     if isinstance(value, list):
-        return [_pack(a) for a in value]
+        return [_pack_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _pack(a) for k, a in value.items()}
+        return {k: _pack_value(v) for k, v in value.items()}
     return _pack(value)
 
 
 def _unpack_value(value: Any) -> Any:
+    """The inverse of ``_pack_value``: in array fields, the only tuples are packed arrays."""
     if isinstance(value, list):
-        return [_unpack(a) for a in value]
+        return [_unpack_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _unpack(a) for k, a in value.items()}
+        return {k: _unpack_value(v) for k, v in value.items()}
     return _unpack(value)
 
 
