@@ -10,7 +10,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 
 from service.api.batching import Batcher
-from service.api.deps import BatcherDep, OrjsonResponse, SettingsDep, TapeserveRoute
+from service.api.deps import (
+    OFFLOAD_BYTES,
+    OFFLOAD_ELEMENTS,
+    BatcherDep,
+    OrjsonResponse,
+    SettingsDep,
+    TapeserveRoute,
+)
 from service.api.fastpath import FastEndpoint
 from service.api.gradient_job import build_gradient_job, render_gradient_result
 from service.api.schemas import GradientRequest, GradientResponse, Problem
@@ -21,12 +28,6 @@ from service.errors import InvalidRequest, TapeserveError
 __all__ = ["FAST_ENDPOINT", "gradient_content", "router"]
 
 router = APIRouter(route_class=TapeserveRoute, tags=["gradient"])
-
-# Decoding or encoding a large tensor takes milliseconds of numpy work: above this many body bytes
-# it runs in a thread so the event loop keeps answering (below it the thread hop costs more).
-_OFFLOAD_BYTES = 256 * 1024
-# The same for responses: total elements across all returned tensors.
-_OFFLOAD_ELEMENTS = 32 * 1024
 
 _PROBLEMS: dict[int | str, dict[str, Any]] = {
     400: {
@@ -59,7 +60,7 @@ async def gradient_content(
             field="timeout_s",
         )
     limits = settings.limits()
-    large = body_bytes > _OFFLOAD_BYTES
+    large = body_bytes > OFFLOAD_BYTES
     if large:
         job = await run_in_threadpool(build_gradient_job, body, limits)
     else:
@@ -71,7 +72,7 @@ async def gradient_content(
     total_ms = (time.perf_counter() - started) * 1000.0
     if not isinstance(result, GradientResult):
         raise TapeserveError(f"the worker returned {type(result).__name__}, not a GradientResult")
-    if large or _result_elements(result) > _OFFLOAD_ELEMENTS:
+    if large or _result_elements(result) > OFFLOAD_ELEMENTS:
         return await run_in_threadpool(render_gradient_result, result, job, body.encoding, total_ms)
     return render_gradient_result(result, job, body.encoding, total_ms)
 

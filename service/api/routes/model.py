@@ -12,7 +12,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 from starlette.responses import Response
 
-from service.api.deps import GradientPool, OrjsonResponse, PoolDep, SettingsDep, TapeserveRoute
+from service.api.deps import (
+    OFFLOAD_ELEMENTS,
+    GradientPool,
+    OrjsonResponse,
+    PoolDep,
+    SettingsDep,
+    TapeserveRoute,
+)
 from service.api.fastpath import FastEndpoint
 from service.api.model_job import (
     NDJSON_MEDIA_TYPE,
@@ -53,11 +60,6 @@ __all__ = [
 ]
 
 router = APIRouter(route_class=TapeserveRoute, tags=["models"])
-
-# Up to this many elements (all request tensors, or all response tensors) decoding and encoding run
-# on the event loop: at most ~3 ms for JSON lists and far less for base64, while a thread hop costs
-# ~0.1-0.2 ms on every small request. Above it they run in a thread so the loop keeps answering.
-_OFFLOAD_ELEMENTS = 32 * 1024
 
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     400: {
@@ -157,7 +159,7 @@ async def run_model_gradient(
     """The JSON response content of a validated model-gradient request (route and fast path)."""
     timeout_s = check_timeout(body.timeout_s, settings)
     limits = settings.limits()
-    large = request_elements(body) > _OFFLOAD_ELEMENTS
+    large = request_elements(body) > OFFLOAD_ELEMENTS
     if large:
         job = await run_in_threadpool(build_model_gradient_job, body, limits)
     else:
@@ -165,7 +167,7 @@ async def run_model_gradient(
     started = time.perf_counter()
     result = _expect(await pool.run(job, timeout_s=timeout_s, affinity=job.signature()), ModelGradientResult)
     total_ms = (time.perf_counter() - started) * 1000.0
-    if large or _gradient_elements(result) > _OFFLOAD_ELEMENTS:
+    if large or _gradient_elements(result) > OFFLOAD_ELEMENTS:
         return await run_in_threadpool(render_model_gradient, result, body.encoding, total_ms)
     return render_model_gradient(result, body.encoding, total_ms)
 
@@ -197,7 +199,7 @@ async def run_train_step(body: TrainStepRequest, settings: Settings, pool: Gradi
     """
     timeout_s = check_timeout(body.timeout_s, settings)
     limits = settings.limits()
-    large = request_elements(body) > _OFFLOAD_ELEMENTS
+    large = request_elements(body) > OFFLOAD_ELEMENTS
     job: TrainStepJob
     if large:
         job = await run_in_threadpool(build_train_step_job, body, limits)
@@ -207,7 +209,7 @@ async def run_train_step(body: TrainStepRequest, settings: Settings, pool: Gradi
     result = await pool.run(job, timeout_s=timeout_s, affinity=job.signature())
     checked: TrainStepResult = _expect(result, TrainStepResult)
     total_ms = (time.perf_counter() - started) * 1000.0
-    if large or _result_elements(checked) > _OFFLOAD_ELEMENTS:
+    if large or _result_elements(checked) > OFFLOAD_ELEMENTS:
         return await run_in_threadpool(render_train_step, [checked], body.encoding, total_ms, body.steps)
     return render_train_step([checked], body.encoding, total_ms, body.steps)
 

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import OrjsonResponse, PoolDep, SettingsDep
+from service.api.deps import OFFLOAD_BYTES, OrjsonResponse, PoolDep, SettingsDep
 from service.api.problems import PROBLEM_MEDIA_TYPE
 from service.api.settings import Settings
 from service.engine.jobs import GradientJob, GradientResult
@@ -64,10 +64,6 @@ log = logging.getLogger("tapeserve.api")
 
 PREFIX = "/umbridge"
 router = APIRouter(prefix=PREFIX, tags=["umbridge"])
-
-# As in routes/gradient.py: above this many body bytes, decoding runs in a thread so the event loop
-# keeps answering (below it the thread hop costs more than the work).
-_OFFLOAD_BYTES = 256 * 1024
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -192,7 +188,7 @@ def _index(value: int, count: int, field: str, what: str, model: UMModel) -> int
 
 
 async def _prepare(request: Request, build: Callable[[], GradientJob]) -> GradientJob:
-    if int(request.headers.get("content-length") or 0) > _OFFLOAD_BYTES:
+    if int(request.headers.get("content-length") or 0) > OFFLOAD_BYTES:
         return await run_in_threadpool(build)
     return build()
 
