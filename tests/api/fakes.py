@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import pickle
 from typing import Any
 
 import numpy as np
 
 from service.engine.jobs import GradientJob, GradientResult
+from service.errors import Timeout
+from service.limits import Limits
 
-__all__ = ["FakePool"]
+__all__ = ["FakePool", "InlinePool"]
 
 
 class FakePool:
@@ -59,3 +63,40 @@ class FakePool:
             cache="miss",
             compute_ms=0.5,
         )
+
+
+class InlinePool:
+    """The pool's contract with the real engine run in this process (in a thread); jobs and results
+    are pickled both ways, as the real pool carries them."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.fail_on_call: int | None = None  # raise Timeout on this call (1-based), for mid-stream errors
+        self.calls = 0
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self, grace_s: float | None = None) -> None:
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {"workers": [], "queue_depth": 0, "in_flight": 0}
+
+    async def run(self, job: Any, *, timeout_s: float | None = None, affinity: str | None = None) -> Any:
+        from service.engine import execute  # TensorFlow, only for the tests that use this pool
+
+        self.calls += 1
+        if self.fail_on_call == self.calls:
+            raise Timeout("the computation passed its deadline of 1 s")
+        assert affinity == job.signature()
+
+        def work() -> Any:
+            result = execute(pickle.loads(pickle.dumps(job, protocol=5)), self.limits)  # noqa: S301 (our own job)
+            return pickle.loads(pickle.dumps(result, protocol=5))  # noqa: S301 (our own result)
+
+        return await asyncio.to_thread(work)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,40 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api import Settings, create_app
-from service.engine import execute
-from service.errors import Timeout
-from service.limits import Limits
+from tests.api.fakes import InlinePool
 
 LIMITS = {"max_params": 5_000, "max_layers": 6, "max_steps": 50, "max_batch": 64, "request_timeout_s": 60.0}
-
-
-class InlinePool:
-    """The pool's contract, the engine run in this process (jobs pickled as the real pool carries them)."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.limits = limits
-        self.fail_on_call: int | None = None  # raise Timeout on this call (1-based), for mid-stream errors
-        self.calls = 0
-
-    @property
-    def ready(self) -> bool:
-        return True
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self, grace_s: float | None = None) -> None:
-        return None
-
-    def status(self) -> dict[str, Any]:
-        return {"workers": [], "queue_depth": 0, "in_flight": 0}
-
-    async def run(self, job: Any, *, timeout_s: float | None = None, affinity: str | None = None) -> Any:
-        self.calls += 1
-        if self.fail_on_call == self.calls:
-            raise Timeout("the computation passed its deadline of 1 s")
-        assert affinity == job.signature()
-        return await asyncio.to_thread(execute, pickle.loads(pickle.dumps(job)), self.limits)  # noqa: S301 (our own job)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +28,7 @@ from service.engine import execute
 from service.engine.jobs import TrainStepJob, TrainStepResult
 from service.errors import ShapeError
 from service.limits import Limits
+from tests.api.fakes import InlinePool
 
 RAW_SPEC: dict[str, Any] = {
     "input_shape": [3],
@@ -50,6 +50,8 @@ SHAPES = [(3, 8), (8,), (8,), (8,), (8,), (8,), (8, 2), (2,)]
 WEIGHTS = [RNG.normal(scale=0.5, size=s).astype(np.float32) for s in SHAPES]
 WEIGHTS[5] = np.abs(WEIGHTS[5]) + 0.5
 CLIP_NORM = 0.5
+
+
 # Through the wire schema, so every default is filled in as the API fills it.
 def optimizer_config(raw: dict[str, Any]) -> dict[str, Any]:
     request = TrainStepRequest.model_validate({"model": RAW_SPEC, "x": [[0.0] * 3], "optimizer": raw})
@@ -176,28 +178,6 @@ def test_the_worker_checks_shapes_before_loading() -> None:
 # --- the app in-process
 
 
-class InlinePool:
-    """The pool's contract with the real engine in this process; jobs and results pickled both ways."""
-
-    ready = True
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self, grace_s: float | None = None) -> None:
-        return None
-
-    def status(self) -> dict[str, Any]:
-        return {"workers": [], "queue_depth": 0, "in_flight": 0}
-
-    async def run(self, job: Any, *, timeout_s: float | None = None, affinity: str | None = None) -> Any:
-        def work() -> Any:
-            result = execute(pickle.loads(pickle.dumps(job, protocol=5)), Limits())  # noqa: S301 (our own job)
-            return pickle.loads(pickle.dumps(result, protocol=5))  # noqa: S301 (our own result)
-
-        return await asyncio.to_thread(work)
-
-
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
     with TestClient(create_app(Settings(), pool=InlinePool()), raise_server_exceptions=False) as c:
@@ -296,7 +276,7 @@ def test_run_train_step_is_a_plain_coroutine_without_a_request() -> None:
 def test_large_requests_decode_and_render_in_a_thread_with_the_same_result(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(model_routes, "_OFFLOAD_ELEMENTS", 0)
+    monkeypatch.setattr(model_routes, "OFFLOAD_ELEMENTS", 0)
     request = TrainStepRequest.model_validate(body(WEIGHTS, None, "json"))
     content = asyncio.run(run_train_step(request, Settings(), InlinePool()))
     weights, _, _ = keras_steps(WEIGHTS, 1)
