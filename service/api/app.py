@@ -101,8 +101,9 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
             "/gradient": gradient.FAST_ENDPOINT,
             "/v1/model/gradient": model.FAST_MODEL_GRADIENT,
             "/v1/model/train-step": model.FAST_TRAIN_STEP,
+            "/v1/step": step.FAST_STEP,
         },
-        routes=[*gradient.router.routes, *model.router.routes],
+        routes=[*gradient.router.routes, *model.router.routes, *step.router.routes],
     )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     # Outside the body limit (a refused client's body is never read), inside the UM-Bridge errors.

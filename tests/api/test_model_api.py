@@ -257,7 +257,7 @@ def test_token_inputs_are_not_differentiable(client: TestClient) -> None:
     assert r.status_code == 200, r.text
 
 
-@pytest.mark.parametrize("path", ["/v1/model/gradient", "/v1/model/train-step"])
+@pytest.mark.parametrize("path", ["/v1/model/gradient", "/v1/model/train-step", "/v1/step"])
 def test_model_routes_answer_alike_on_the_fast_path_and_through_fastapi(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
@@ -267,6 +267,14 @@ def test_model_routes_answer_alike_on_the_fast_path_and_through_fastapi(
             "loss": "mse", "weights": None}  # fmt: skip
     if path.endswith("train-step"):
         body["optimizer"] = {"type": "adam", "learning_rate": 0.01}
+    if path == "/v1/step":
+        body = {
+            "expression": "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)",
+            "variables": {"x": [0.5, -1.0, 2.0]},
+            "optimizer": {"type": "adam", "learning_rate": 0.01},
+            "steps": 3,
+            "dtype": "float64",
+        }
     fast = client.post(path, json=body)
     with monkeypatch.context() as m:
         m.setattr(fastpath, "_validate", lambda model, raw: None)  # every body handed to the route

@@ -53,6 +53,7 @@ __all__ = [
     "PROBLEMS",
     "STREAM_RESPONSE",
     "check_timeout",
+    "expect_result",
     "router",
     "run_model_gradient",
     "run_steps",
@@ -98,7 +99,8 @@ def check_timeout(timeout_s: float | None, settings: Settings) -> float:
     return timeout_s or settings.request_timeout_s
 
 
-def _expect(result: Any, kind: type) -> Any:
+def expect_result(result: Any, kind: type) -> Any:
+    """The worker's result, if it is of the kind the job promises (else it is our bug: a 500)."""
     if not isinstance(result, kind):
         raise TapeserveError(f"the worker returned {type(result).__name__}, not a {kind.__name__}")
     return result
@@ -121,7 +123,7 @@ async def run_steps(
 
     async def run(chunk: StepJob) -> StepResult:
         result = await pool.run(chunk, timeout_s=timeout_s, affinity=chunk.signature())
-        checked: StepResult = _expect(result, result_type)
+        checked: StepResult = expect_result(result, result_type)
         return checked
 
     if not stream or total == 1:
@@ -165,7 +167,9 @@ async def run_model_gradient(
     else:
         job = build_model_gradient_job(body, limits)
     started = time.perf_counter()
-    result = _expect(await pool.run(job, timeout_s=timeout_s, affinity=job.signature()), ModelGradientResult)
+    result = expect_result(
+        await pool.run(job, timeout_s=timeout_s, affinity=job.signature()), ModelGradientResult
+    )
     total_ms = (time.perf_counter() - started) * 1000.0
     if large or _gradient_elements(result) > OFFLOAD_ELEMENTS:
         return await run_in_threadpool(render_model_gradient, result, body.encoding, total_ms)
@@ -207,7 +211,7 @@ async def run_train_step(body: TrainStepRequest, settings: Settings, pool: Gradi
         job = build_train_step_job(body, limits)
     started = time.perf_counter()
     result = await pool.run(job, timeout_s=timeout_s, affinity=job.signature())
-    checked: TrainStepResult = _expect(result, TrainStepResult)
+    checked: TrainStepResult = expect_result(result, TrainStepResult)
     total_ms = (time.perf_counter() - started) * 1000.0
     if large or _result_elements(checked) > OFFLOAD_ELEMENTS:
         return await run_in_threadpool(render_train_step, [checked], body.encoding, total_ms, body.steps)

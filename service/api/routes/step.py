@@ -2,19 +2,64 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 from starlette.responses import Response
 
-from service.api.deps import PoolDep, SettingsDep, TapeserveRoute
+from service.api.deps import (
+    OFFLOAD_BYTES,
+    OFFLOAD_ELEMENTS,
+    GradientPool,
+    PoolDep,
+    SettingsDep,
+    TapeserveRoute,
+)
+from service.api.fastpath import FastEndpoint
 from service.api.model_job import build_expression_step_job, render_expression_step
 from service.api.model_schemas import ExpressionStepRequest, ExpressionStepResponse
-from service.api.routes.model import PROBLEMS, STREAM_RESPONSE, check_timeout, run_steps
+from service.api.routes.model import PROBLEMS, STREAM_RESPONSE, check_timeout, expect_result, run_steps
+from service.api.settings import Settings
 from service.engine.jobs import ExpressionStepResult
 
-__all__ = ["router"]
+__all__ = ["FAST_STEP", "router", "run_expression_step"]
 
 router = APIRouter(route_class=TapeserveRoute, tags=["gradient"])
+
+
+async def run_expression_step(
+    body: ExpressionStepRequest, settings: Settings, pool: GradientPool, *, large: bool
+) -> dict[str, Any]:
+    """The JSON content of a validated, unstreamed /v1/step request (fast path); ``large``: decode
+    and render in a thread."""
+    timeout_s = check_timeout(body.timeout_s, settings)
+    limits = settings.limits()
+    if large:
+        job = await run_in_threadpool(build_expression_step_job, body, limits)
+    else:
+        job = build_expression_step_job(body, limits)
+    started = time.perf_counter()
+    result: ExpressionStepResult = expect_result(
+        await pool.run(job, timeout_s=timeout_s, affinity=job.signature()), ExpressionStepResult
+    )
+    total_ms = (time.perf_counter() - started) * 1000.0
+    elements = sum(a.size for a in [*result.variables.values(), *result.optimizer_state])
+    if large or elements > OFFLOAD_ELEMENTS:
+        return await run_in_threadpool(render_expression_step, [result], body.encoding, total_ms, body.steps)
+    return render_expression_step([result], body.encoding, total_ms, body.steps)
+
+
+async def _fast_step(body: ExpressionStepRequest, state: State, body_bytes: int) -> dict[str, Any]:
+    return await run_expression_step(body, state.settings, state.pool, large=body_bytes > OFFLOAD_BYTES)
+
+
+# Served by service.api.fastpath, except streams (the route writes those as NDJSON).
+FAST_STEP = FastEndpoint(
+    ExpressionStepRequest, _fast_step, accepts=lambda body: not body.stream or body.steps == 1
+)
 
 
 async def expression_step(body: ExpressionStepRequest, pool: PoolDep, settings: SettingsDep) -> Response:
