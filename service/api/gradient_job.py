@@ -228,5 +228,6 @@ def render_gradient_result(
         "cache": result.cache,
         "compute_ms": round(float(result.compute_ms), 3),
         "total_ms": round(total_ms, 3),
+        "executor": result.executor,
     }
     return body

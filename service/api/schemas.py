@@ -154,6 +154,11 @@ class GradientMeta(BaseModel):
     cache: Literal["hit", "miss"] = Field(description="Whether the compiled tape program was already cached.")
     compute_ms: float = Field(description="Time the worker spent computing.")
     total_ms: float = Field(description="Time from dispatch to the worker until its result came back.")
+    executor: Literal["tensorflow", "numpy"] = Field(
+        "tensorflow",
+        description="Who ran the traced graph: TensorFlow's runtime, or (for a small program seen before) "
+        "its numpy plan, checked against TensorFlow when it was built.",
+    )
 
 
 class GradientResponse(BaseModel):

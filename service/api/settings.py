@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=1, le=256, description="TensorFlow inter-op threads per worker.")
     # A compiled program is ~100 KB-1 MB; 256 of them fit easily and cover a typical working set.
     cache_size: int = Field(256, ge=1, le=100_000, description="Compiled tape programs kept per worker.")
+    numpy_plans: bool = Field(
+        True,
+        description="Run small programs seen before as numpy plans of their traced graphs, checked against "
+        "TensorFlow (false: TensorFlow runs every call).",
+    )
     # Matches the default request deadline, so an in-flight request can always finish.
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="Time to finish in-flight work on stop.")
 
@@ -237,6 +242,7 @@ class Settings(BaseSettings):
             intra_op_threads=self.intra_op_threads,
             inter_op_threads=self.inter_op_threads,
             cache_size=self.cache_size,
+            numpy_plans=self.numpy_plans,
             shutdown_grace_s=self.shutdown_grace_s,
             limits=self.limits(),
         )

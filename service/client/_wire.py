@@ -109,6 +109,7 @@ class Meta:
     cache: str  # "hit" when the compiled tape program was reused
     compute_ms: float  # time in the worker
     total_ms: float  # dispatch to result
+    executor: str = "tensorflow"  # "numpy" when the server ran the program's checked numpy plan
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,12 @@ class Derivatives:
             raise DecodingError("the gradient response has no value or dtype")
         meta = body.get("meta") or {}
         try:
-            parsed_meta = Meta(str(meta["cache"]), float(meta["compute_ms"]), float(meta["total_ms"]))
+            parsed_meta = Meta(
+                str(meta["cache"]),
+                float(meta["compute_ms"]),
+                float(meta["total_ms"]),
+                str(meta.get("executor", "tensorflow")),
+            )
         except (KeyError, TypeError, ValueError):
             raise DecodingError("the gradient response's meta is malformed") from None
         hessian = None

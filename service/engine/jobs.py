@@ -111,6 +111,7 @@ class GradientResult:
     higher: dict[str, Any] | None = None
     cache: str = "miss"  # "hit" | "miss": whether the compiled program was already cached
     compute_ms: float = 0.0
+    executor: str = "tensorflow"  # "tensorflow" | "numpy": who ran the traced graph (engine/plan.py)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _reduce(self)

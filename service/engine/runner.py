@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult, StackedGradientJob
+from service.engine.plan import Plan, build_plan
 from service.errors import (
     EvaluationError,
     InvalidRequest,
@@ -40,6 +41,13 @@ _DTYPES = {"float32": tf.float32, "float64": tf.float64}
 # Automatic control dependencies (which order stateful ops) then have nothing to do, yet walking the
 # graph for them costs ~15% of a cold trace; tf.function's documented attribute turns them off.
 _ATTRIBUTES = {"_disable_acd": True}
+# Numpy plans (service/engine/plan.py) for small programs called more than once; TAPESERVE_NUMPY_PLANS=0
+# keeps every call on TensorFlow's runtime. Above this many input elements TF's own call overhead
+# no longer matters, and its kernels are the ones to trust for speed.
+PLANS_ENABLED = os.environ.get("TAPESERVE_NUMPY_PLANS", "1") != "0"
+PLAN_MAX_ELEMENTS = 65_536
+_PLAN_UNTRIED, _PLAN_ON, _PLAN_OFF = 0, 1, 2
+_PLAN_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
 
 
 @dataclass(slots=True)
@@ -51,6 +59,10 @@ class TapeProgram:
     outputs: tuple[str, ...]
     compile_ms: float
     stacked: bool = False  # every input has a leading axis of independent requests
+    graph: Any = None  # the traced FuncGraph a numpy plan is read from; None: no plan possible
+    plan: Plan | None = None
+    plan_state: int = _PLAN_UNTRIED
+    seen: bool = False  # called once already (a plan is built on the second call)
 
 
 class _ProgramCache:
@@ -104,9 +116,9 @@ def run(job: GradientJob | StackedGradientJob, limits: Limits | None = None) -> 
         raise InvalidRequest(f"unknown job type {type(job).__name__}")
     program, cache = _program(job, limits, stacked=False)
     start = time.perf_counter()
-    arrays = _call(program, job, [job])
+    arrays, executor = _call(program, job, [job])
     compute_ms = (time.perf_counter() - start) * 1000.0
-    return _result(job, arrays, cache, compute_ms)
+    return _result(job, arrays, cache, compute_ms, executor)
 
 
 def _program(job: GradientJob, limits: Limits, stacked: bool) -> tuple[TapeProgram, str]:
@@ -119,27 +131,83 @@ def _program(job: GradientJob, limits: Limits, stacked: bool) -> tuple[TapeProgr
     return program, "miss"
 
 
-def _call(program: TapeProgram, first: GradientJob, jobs: list[GradientJob]) -> dict[str, np.ndarray]:
-    """Feed the jobs' arrays (stacked along a new axis when there are several) to a program."""
+def _call(
+    program: TapeProgram, first: GradientJob, jobs: list[GradientJob]
+) -> tuple[dict[str, np.ndarray], str]:
+    """Feed the jobs' arrays (stacked along a new axis when there are several) to a program.
+
+    Returns the named outputs and which executor computed them: "numpy" (the program's plan) or
+    "tensorflow".
+    """
     dtype = np.float32 if first.dtype == "float32" else np.float64
-    args = []
+    inputs = []
     for group, name in program.inputs:
         arrays = [
             np.asarray(j.cotangent if group == "cotangent" else getattr(j, group)[name], dtype) for j in jobs
         ]
-        args.append(tf.constant(np.stack(arrays) if program.stacked else arrays[0]))
+        inputs.append(np.stack(arrays) if program.stacked else arrays[0])
+    if program.plan is not None:
+        planned = _run_plan(program.plan, inputs)
+        if planned is not None:
+            return dict(zip(program.outputs, planned, strict=True)), "numpy"
     try:
-        outputs = program.call(*args)
-        return {k: v.numpy() for k, v in zip(program.outputs, outputs, strict=True)}
+        outputs = [v.numpy() for v in program.call(*[tf.constant(a) for a in inputs])]
     except tf.errors.InvalidArgumentError as exc:
         raise EvaluationError(f"the computation failed for these values: {_runtime_message(exc)}") from None
+    if program.plan_state == _PLAN_UNTRIED and program.graph is not None and PLANS_ENABLED:
+        _adopt_plan(program, inputs, outputs)
+    return dict(zip(program.outputs, outputs, strict=True)), "tensorflow"
 
 
-def _result(job: GradientJob, arrays: dict[str, np.ndarray], cache: str, compute_ms: float) -> GradientResult:
+def _run_plan(plan: Plan, inputs: list[np.ndarray]) -> list[np.ndarray] | None:
+    """The plan's outputs, or None when TF should answer: the plan failed, or something is not finite."""
+    try:
+        outputs = plan(inputs)
+    except Exception:  # e.g. an index out of range: TF's own error message is the one to give
+        return None
+    if all(np.isfinite(o).all() for o in outputs):
+        return outputs
+    return None
+
+
+def _adopt_plan(program: TapeProgram, inputs: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    """Build the program's numpy plan (on its second call) and keep it if it reproduces TF's outputs.
+
+    The first call only marks the program as seen: most programs used once never pay for a plan.
+    A comparison needs finite reference outputs; with others the decision waits for the next call.
+    """
+    if not program.seen:
+        program.seen = True
+        return
+    if not all(np.isfinite(e).all() for e in expected):
+        return
+    graph = program.graph
+    try:
+        plan = build_plan(graph, graph.inputs, graph.outputs)
+        got = plan(inputs)
+    except Exception:  # UnsupportedGraph, or a kernel disagreeing with the graph's shapes
+        program.plan_state = _PLAN_OFF
+        return
+    program.plan_state = _PLAN_OFF
+    for a, e in zip(got, expected, strict=True):
+        if a.shape != e.shape or a.dtype != e.dtype:
+            return
+        tolerance = _PLAN_TOLERANCE.get(e.dtype, 0.0)
+        scale = max(1.0, float(np.max(np.abs(e)))) if e.size else 1.0
+        if not np.allclose(a, e, rtol=tolerance, atol=tolerance * scale):
+            return
+    program.plan = plan
+    program.plan_state = _PLAN_ON
+
+
+def _result(
+    job: GradientJob, arrays: dict[str, np.ndarray], cache: str, compute_ms: float, executor: str
+) -> GradientResult:
     wrt = list(job.wrt) if job.wrt else list(job.variables)
     result = _unflatten(arrays, wrt[0] if wrt else None)
     result.cache = cache
     result.compute_ms = compute_ms
+    result.executor = executor
     return result
 
 
@@ -152,10 +220,10 @@ def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientRe
         raise InvalidRequest("a stacked job mixes programs of different signatures")
     program, cache = _program(first, limits, stacked=True)
     start = time.perf_counter()
-    arrays = _call(program, first, stacked.jobs)
+    arrays, executor = _call(program, first, stacked.jobs)
     compute_ms = (time.perf_counter() - start) * 1000.0 / len(stacked.jobs)
     return [
-        _result(job, {k: v[i] for k, v in arrays.items()}, cache, compute_ms)
+        _result(job, {k: v[i] for k, v in arrays.items()}, cache, compute_ms, executor)
         for i, job in enumerate(stacked.jobs)
     ]
 
@@ -345,7 +413,11 @@ def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapePro
     compile_ms = (time.perf_counter() - start) * 1000.0
     # Outputs flatten in sorted-key order (tf.nest's rule for dicts).
     outputs = tuple(sorted(concrete.structured_outputs))
-    return TapeProgram(_flat_caller(concrete), tuple(inputs), outputs, compile_ms, stacked)
+    call = _flat_caller(concrete)
+    atomic = getattr(call, "__self__", None)  # the atomic function, when the flat call is its own
+    elements = sum(_numel(spec.shape) for spec in specs) if not stacked else PLAN_MAX_ELEMENTS + 1
+    graph = atomic.graph if atomic is not None and elements <= PLAN_MAX_ELEMENTS else None
+    return TapeProgram(call, tuple(inputs), outputs, compile_ms, stacked, graph)
 
 
 def _flat_caller(concrete: Any) -> Callable[..., Sequence[Any]]:

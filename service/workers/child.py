@@ -58,11 +58,13 @@ def child_environment(
     inter_op_threads: int,
     cache_size: int,
     gpu_memory_limit_mb: int | None,
+    numpy_plans: bool = True,
 ) -> dict[str, str]:
     """Variables TensorFlow reads at import: they must be set before the handler module is imported."""
     env = {
         "TF_CPP_MIN_LOG_LEVEL": "2",  # keep TF's start-up chatter out of the service log
         "TAPESERVE_CACHE_SIZE": str(cache_size),
+        "TAPESERVE_NUMPY_PLANS": "1" if numpy_plans else "0",
     }
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"

@@ -40,6 +40,7 @@ class PoolConfig:
     intra_op_threads: int = 1  # TF threads for CPU workers
     inter_op_threads: int = 1
     cache_size: int = 256  # compiled programs kept per worker (TAPESERVE_CACHE_SIZE in the child)
+    numpy_plans: bool = True  # run small, hot programs as numpy plans (TAPESERVE_NUMPY_PLANS in the child)
     shutdown_grace_s: float = 30.0
     limits: Limits = field(default_factory=Limits)
     handler: str = "service.engine:execute"  # "module:function", called in the child as handler(job, limits)

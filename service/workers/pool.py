@@ -490,6 +490,7 @@ class WorkerPool:
                 intra_op_threads=config.intra_op_threads,
                 inter_op_threads=config.inter_op_threads,
                 cache_size=config.cache_size,
+                numpy_plans=config.numpy_plans,
                 gpu_memory_limit_mb=config.gpu_memory_limit_mb,
             ),
             gpu_memory_limit_mb=config.gpu_memory_limit_mb,

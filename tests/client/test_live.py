@@ -73,6 +73,19 @@ def test_gradient_value_and_grad_and_compute(client: ts.Client) -> None:
     assert result.jacobian is None and result.hvp is None
 
 
+def test_a_repeated_program_is_answered_by_its_checked_numpy_plan(client: ts.Client) -> None:
+    expression = "sum(tanh(x) * x**2) + 0.25"  # a program no other test of this module compiles
+    first = client.compute(expression, derivatives=["gradient", "hessian"], x=X0, dtype="float64")
+    client.compute(expression, derivatives=["gradient", "hessian"], x=X0, dtype="float64")
+    third = client.compute(expression, derivatives=["gradient", "hessian"], x=X0 + 0.5, dtype="float64")
+    assert (first.meta.executor, third.meta.executor) == ("tensorflow", "numpy")
+    x = X0 + 0.5
+    t = np.tanh(x)
+    np.testing.assert_allclose(third.gradient["x"], (1 - t**2) * x**2 + 2 * x * t, rtol=1e-12)  # type: ignore[index]
+    second_derivative = -2 * t * (1 - t**2) * x**2 + 4 * x * (1 - t**2) + 2 * t
+    np.testing.assert_allclose(third.hessian["x"]["x"], np.diag(second_derivative), rtol=1e-12, atol=1e-15)  # type: ignore[index]
+
+
 def test_the_builder_expression_gives_the_same_answer(client: ts.Client) -> None:
     x = ts.Var("x")
     f = (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()

@@ -231,6 +231,12 @@ def test_base64_responses_and_nonfinite_strings_are_decoded() -> None:
     np.testing.assert_array_equal(result.gradient["x"], grad)  # type: ignore[index]
     assert result.gradient["x"].dtype == np.float64  # type: ignore[index]
     assert result.meta.cache == "hit"
+    assert result.meta.executor == "tensorflow"  # servers before meta.executor: TensorFlow ran it
+
+    payload["meta"] = {"cache": "hit", "compute_ms": 0.5, "total_ms": 1.0, "executor": "numpy"}
+    transport, _ = scripted([httpx.Response(200, json=payload)])
+    with make_client(transport, []) as client:
+        assert client.compute("x", x=np.zeros((2, 2)), dtype="float64").meta.executor == "numpy"
 
 
 def ts_encode_b64(array: np.ndarray) -> dict[str, object]:

@@ -100,6 +100,7 @@ def test_child_environment_pins_the_device_before_tensorflow() -> None:
     assert cpu == {
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "TAPESERVE_CACHE_SIZE": "7",
+        "TAPESERVE_NUMPY_PLANS": "1",
         "CUDA_VISIBLE_DEVICES": "-1",
         "TF_NUM_INTRAOP_THREADS": "2",
         "TF_NUM_INTEROP_THREADS": "1",
@@ -114,3 +115,12 @@ def test_child_environment_pins_the_device_before_tensorflow() -> None:
     )
     # With a limit the child configures a logical device after importing TF; growth would conflict.
     assert "TF_FORCE_GPU_ALLOW_GROWTH" not in limited
+    off = child_environment(
+        "cpu",
+        intra_op_threads=1,
+        inter_op_threads=1,
+        cache_size=9,
+        gpu_memory_limit_mb=None,
+        numpy_plans=False,
+    )
+    assert off["TAPESERVE_NUMPY_PLANS"] == "0"
