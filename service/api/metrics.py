@@ -14,6 +14,7 @@ sources feed it:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,7 +55,12 @@ _COMPILE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 
 def _job_kind(job: Any) -> str:
     """A short label for a job's class: GradientJob -> gradient, StackedGradientJob -> stacked_gradient."""
-    name = type(job).__name__.removesuffix("Job")
+    return _kind_of(type(job))
+
+
+@functools.cache
+def _kind_of(cls: type) -> str:
+    name = cls.__name__.removesuffix("Job")
     out = []
     for i, char in enumerate(name):
         if char.isupper() and i:
@@ -108,6 +114,7 @@ class Metrics:
             registry=self.registry,
         )
         self._label_cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._job_children: dict[tuple[type, str], tuple[Any, Any, Any]] = {}
 
     def observe_response(self, method: str, route: str, status: int, duration_s: float) -> None:
         """Count one response (the request middleware's observer)."""
@@ -122,17 +129,23 @@ class Metrics:
         children[1].observe(duration_s)
 
     def observe_result(self, job: Any, result: Any) -> None:
-        kind = _job_kind(job)
         results = result if isinstance(result, list) else [result]
         for item in results:
             cache = getattr(item, "cache", None)
             if cache not in ("hit", "miss"):
                 continue
             seconds = float(getattr(item, "compute_ms", 0.0)) / 1000.0
-            self.jobs.labels(kind, cache).inc()
-            self.compute.labels(kind, cache).observe(seconds)
-            if cache == "miss":
-                self.compile.labels(kind).observe(seconds)
+            key = (type(job), cache)
+            children = self._job_children.get(key)
+            if children is None:  # labels() per job costs a lock and a tuple; job kinds are few
+                kind = _job_kind(job)
+                compile_child = self.compile.labels(kind) if cache == "miss" else None
+                children = (self.jobs.labels(kind, cache), self.compute.labels(kind, cache), compile_child)
+                self._job_children[key] = children
+            children[0].inc()
+            children[1].observe(seconds)
+            if children[2] is not None:
+                children[2].observe(seconds)
 
     def observe_error(self, job: Any, error: TapeserveError) -> None:
         self.job_errors.labels(_job_kind(job), error.code).inc()

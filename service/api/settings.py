@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -224,7 +225,11 @@ class Settings(BaseSettings):
         return self
 
     def limits(self) -> Limits:
-        """The request limits as the plain dataclass every layer shares."""
+        """The request limits as the plain dataclass every layer shares (built once: settings are frozen)."""
+        return self.request_limits
+
+    @functools.cached_property
+    def request_limits(self) -> Limits:
         return Limits(**{name: getattr(self, name) for name in LIMIT_FIELDS})
 
     def pool_config(self) -> PoolConfig:
