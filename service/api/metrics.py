@@ -14,7 +14,6 @@ sources feed it:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,12 +54,18 @@ _COMPILE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 
 def _job_kind(job: Any) -> str:
     """A short label for a job's class: GradientJob -> gradient, StackedGradientJob -> stacked_gradient."""
-    return _kind_of(type(job))
+    cls = type(job)
+    kind = _KINDS.get(cls)
+    if kind is None:
+        kind = _KINDS[cls] = _kind_of(cls.__name__)
+    return kind
 
 
-@functools.cache
-def _kind_of(cls: type) -> str:
-    name = cls.__name__.removesuffix("Job")
+_KINDS: dict[type, str] = {}
+
+
+def _kind_of(class_name: str) -> str:
+    name = class_name.removesuffix("Job")
     out = []
     for i, char in enumerate(name):
         if char.isupper() and i:
