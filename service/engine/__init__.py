@@ -12,7 +12,16 @@ from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult, Job, R
 if TYPE_CHECKING:
     from service.limits import Limits
 
-__all__ = ["DERIVATIVES", "GradientJob", "GradientResult", "Job", "Result", "StackedGradientJob", "execute"]
+__all__ = [
+    "DERIVATIVES",
+    "GradientJob",
+    "GradientResult",
+    "Job",
+    "Result",
+    "StackedGradientJob",
+    "after_reply",
+    "execute",
+]
 
 
 def execute(job: Job | StackedGradientJob, limits: Limits | None = None) -> Result | list[GradientResult]:
@@ -29,3 +38,12 @@ def execute(job: Job | StackedGradientJob, limits: Limits | None = None) -> Resu
     from service.engine.training import run_training_job
 
     return run_training_job(job, limits)
+
+
+def after_reply() -> None:
+    """Deferred work (building numpy plans) the worker runs once a job's reply is on its way."""
+    import sys
+
+    runner = sys.modules.get("service.engine.runner")  # nothing to do if no job ever ran
+    if runner is not None:
+        runner.after_reply()

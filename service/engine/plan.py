@@ -86,6 +86,40 @@ def _relu(x: Any) -> Any:
     return np.maximum(x, np.zeros((), x.dtype))
 
 
+def _softplus(x: Any) -> Any:
+    """TF's (Eigen's) softplus: x above -log(eps) - 2, exp(x) below log(eps) + 2, log1p(exp(x)) between."""
+    threshold = np.log(np.finfo(x.dtype).eps) + 2
+    e = np.exp(x)
+    return np.where(x > -threshold, x, np.where(x < threshold, e, np.log1p(e)))
+
+
+def _softplus_grad(dy: Any, x: Any) -> Any:
+    return dy / (np.exp(-x) + np.ones((), x.dtype))
+
+
+_SELU_SCALE = 1.0507009873554804934193349852946
+_SELU_ALPHA = 1.6732632423543772848170429916717
+
+
+def _elu(x: Any) -> Any:
+    one = np.ones((), x.dtype)
+    return np.where(x < 0, np.exp(x) - one, x)
+
+
+def _elu_grad(dy: Any, y: Any) -> Any:
+    return np.where(y < 0, (y + np.ones((), y.dtype)) * dy, dy)
+
+
+def _selu(x: Any) -> Any:
+    scale, scale_alpha = np.asarray(_SELU_SCALE, x.dtype), np.asarray(_SELU_SCALE * _SELU_ALPHA, x.dtype)
+    return np.where(x < 0, scale_alpha * (np.exp(x) - np.ones((), x.dtype)), scale * x)
+
+
+def _selu_grad(dy: Any, y: Any) -> Any:
+    scale, scale_alpha = np.asarray(_SELU_SCALE, y.dtype), np.asarray(_SELU_SCALE * _SELU_ALPHA, y.dtype)
+    return np.where(y < 0, dy * (y + scale_alpha), dy * scale)
+
+
 def _add_n(*xs: Any) -> Any:
     total = xs[0]
     for x in xs[1:]:
@@ -258,7 +292,8 @@ _UNARY: dict[str, Kernel] = {
     "Sin": np.sin, "Sinh": np.sinh, "Sqrt": np.sqrt, "Square": np.square, "StopGradient": _identity,
     "Tan": np.tan, "Tanh": np.tanh, "ZerosLike": _zeros_like, "LogicalNot": np.logical_not,
     "PlaceholderWithDefault": _identity, "EnsureShape": _identity, "Snapshot": _identity,
-    "Round": np.rint, "InvertPermutation": _invert_permutation,
+    "Round": np.rint, "InvertPermutation": _invert_permutation, "Softplus": _softplus, "Elu": _elu,
+    "Selu": _selu,
 }  # fmt: skip
 _BINARY: dict[str, Kernel] = {
     "Add": np.add, "AddV2": np.add, "Sub": np.subtract, "Mul": np.multiply, "RealDiv": np.divide,
@@ -270,7 +305,8 @@ _BINARY: dict[str, Kernel] = {
     "LogicalAnd": np.logical_and, "LogicalOr": np.logical_or,
     "TanhGrad": _tanh_grad, "SigmoidGrad": _sigmoid_grad, "SqrtGrad": _sqrt_grad,
     "RsqrtGrad": _rsqrt_grad, "ReciprocalGrad": _reciprocal_grad, "InvGrad": _reciprocal_grad,
-    "ReluGrad": _relu_grad, "Reshape": _reshape, "Tile": _tile, "BroadcastTo": _broadcast_to,
+    "ReluGrad": _relu_grad, "SoftplusGrad": _softplus_grad, "EluGrad": _elu_grad,
+    "SeluGrad": _selu_grad, "Reshape": _reshape, "Tile": _tile, "BroadcastTo": _broadcast_to,
     "ExpandDims": _expand_dims, "Transpose": _transpose, "Fill": _fill,
 }  # fmt: skip
 _OTHER: dict[str, Kernel] = {

@@ -30,7 +30,7 @@ from service.expr.compiler import Compiler
 from service.expr.program import Program, build_program
 from service.limits import Limits
 
-__all__ = ["TapeProgram", "cache_info", "run"]
+__all__ = ["TapeProgram", "after_reply", "cache_info", "run"]
 
 _ZERO = tf.UnconnectedGradients.ZERO
 # The most requests one stacked call may carry (the API's batcher sends at most this many); it
@@ -48,6 +48,10 @@ PLANS_ENABLED = os.environ.get("TAPESERVE_NUMPY_PLANS", "1") != "0"
 PLAN_MAX_ELEMENTS = 65_536
 _PLAN_UNTRIED, _PLAN_ON, _PLAN_OFF = 0, 1, 2
 _PLAN_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
+# Plans waiting to be built: (program, inputs, TF's outputs) from a program's second call. Building
+# takes 5-20 ms, so a worker does it after sending that call's reply (after_reply); in-process
+# callers get it at the start of their next run.
+_PENDING: list[tuple[TapeProgram, list[np.ndarray], list[np.ndarray]]] = []
 
 
 @dataclass(slots=True)
@@ -110,6 +114,7 @@ def run(job: GradientJob | StackedGradientJob, limits: Limits | None = None) -> 
     GradientResult per request, from one vectorized call.
     """
     limits = limits or Limits()
+    after_reply()
     if isinstance(job, StackedGradientJob):
         return _run_stacked(job, limits)
     if not isinstance(job, GradientJob):
@@ -155,8 +160,16 @@ def _call(
     except tf.errors.InvalidArgumentError as exc:
         raise EvaluationError(f"the computation failed for these values: {_runtime_message(exc)}") from None
     if program.plan_state == _PLAN_UNTRIED and program.graph is not None and PLANS_ENABLED:
-        _adopt_plan(program, inputs, outputs)
+        if program.seen:
+            _PENDING.append((program, inputs, outputs))
+        program.seen = True  # most programs used once never pay for a plan
     return dict(zip(program.outputs, outputs, strict=True)), "tensorflow"
+
+
+def after_reply() -> None:
+    """Build the plans the last calls asked for (the worker calls it once a reply is sent)."""
+    while _PENDING:
+        _adopt_plan(*_PENDING.pop())
 
 
 def _run_plan(plan: Plan, inputs: list[np.ndarray]) -> list[np.ndarray] | None:
@@ -171,13 +184,11 @@ def _run_plan(plan: Plan, inputs: list[np.ndarray]) -> list[np.ndarray] | None:
 
 
 def _adopt_plan(program: TapeProgram, inputs: list[np.ndarray], expected: list[np.ndarray]) -> None:
-    """Build the program's numpy plan (on its second call) and keep it if it reproduces TF's outputs.
+    """Build a program's numpy plan and keep it if it reproduces TF's outputs for the same inputs.
 
-    The first call only marks the program as seen: most programs used once never pay for a plan.
-    A comparison needs finite reference outputs; with others the decision waits for the next call.
+    A comparison needs finite reference outputs; with others the decision waits for another call.
     """
-    if not program.seen:
-        program.seen = True
+    if program.plan_state != _PLAN_UNTRIED:
         return
     if not all(np.isfinite(e).all() for e in expected):
         return

@@ -119,6 +119,7 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
 
     try:
         handler = _load(settings.handler)
+        after_reply = _after_reply_hook(settings.handler)
         if settings.device != "cpu" and settings.gpu_memory_limit_mb is not None:
             _limit_gpu_memory(settings.gpu_memory_limit_mb)
         if settings.warmup is not None:
@@ -144,6 +145,11 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
             transport.send(conn, reply)
         except OSError:
             _exit(EXIT_ORPHANED)
+        if after_reply is not None:
+            try:
+                after_reply()  # deferred work, off the reply's path (the engine builds numpy plans)
+            except Exception:
+                log.exception("worker %d: after_reply raised", settings.worker_id)
 
 
 def _run_one(
@@ -171,6 +177,12 @@ def _load(target: str) -> Callable[..., Any]:
     if not callable(fn):
         raise TypeError(f"{target} is not callable")
     return fn  # type: ignore[no-any-return]
+
+
+def _after_reply_hook(handler: str) -> Callable[[], None] | None:
+    """The handler module's optional ``after_reply()``, run after each reply is sent."""
+    hook = getattr(importlib.import_module(handler.partition(":")[0]), "after_reply", None)
+    return hook if callable(hook) else None
 
 
 def _load_optional(target: str) -> Callable[..., Any] | None:

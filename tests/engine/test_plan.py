@@ -97,6 +97,7 @@ PLANNED = [
     ("sum(exp(x) / (1 + y**2)) - mean(sqrt(1 + x**2))", ALL_FIRST_AND_SECOND),
     ("sum(log(1 + x**2) + log1p(y**2) + expm1(x / 3))", ALL_FIRST_AND_SECOND),
     ("sum(sigmoid(x) * relu(y) + abs(x - y))", ("gradient", "hessian")),
+    ("sum(softplus(40 * x) + softplus(x) + elu(x) * selu(y))", ("gradient", "hessian")),
     ("sum(where(x > 0, x**3, 2 * x) + maximum(x, y) + minimum(x, 0.1))", ("gradient", "hessian")),
     ("x @ a @ x + dot(y, x)", ALL_FIRST_AND_SECOND),
     ("sum(matmul(a, x) ** 2)", ALL_FIRST_AND_SECOND),
