@@ -16,6 +16,8 @@ from service.limits import Limits
 # Memory an "allocate" job keeps alive, as a leak would.
 _HOARD: list[np.ndarray] = []
 _WARMED = False
+# after_reply: how often the worker loop called it, and whether its next call should raise.
+_AFTER = {"calls": 0, "raise": False}
 
 
 def warmup() -> None:
@@ -57,7 +59,18 @@ def dispatch(job: dict[str, Any], limits: Limits) -> Any:
         return _WARMED
     if op == "limits":
         return limits
+    if op == "after_replies":
+        _AFTER["raise"] = bool(job.get("then_raise", False))
+        return _AFTER["calls"]
     raise AssertionError(f"unknown op {op!r}")
+
+
+def after_reply() -> None:
+    """The worker loop calls this after each reply is sent (the engine builds numpy plans there)."""
+    _AFTER["calls"] += 1
+    if _AFTER["raise"]:
+        _AFTER["raise"] = False
+        raise RuntimeError("after_reply failed")
 
 
 class SignedJob(dict[str, Any]):

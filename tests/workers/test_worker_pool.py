@@ -49,6 +49,18 @@ def test_arrays_in_and_out(healed: WorkerPool, drive: Driver) -> None:
     assert back["x"].dtype == np.float32 and back["n"] == 3
 
 
+def test_after_reply_runs_once_per_reply_and_its_errors_are_only_logged(
+    healed: WorkerPool, drive: Driver
+) -> None:
+    job = SignedJob(op="after_replies", signature="after-reply")
+    first = drive(healed.run(job))
+    pid = drive(healed.run(SignedJob(op="pid", signature="after-reply")))
+    second = drive(healed.run(SignedJob(op="after_replies", signature="after-reply", then_raise=True)))
+    assert second == first + 2  # after each of the two replies before it
+    assert drive(healed.run(SignedJob(op="after_replies", signature="after-reply"))) == second + 1
+    assert drive(healed.run(SignedJob(op="pid", signature="after-reply"))) == pid  # no restart
+
+
 def test_child_gets_limits_warmup_and_environment(healed: WorkerPool, drive: Driver) -> None:
     assert drive(healed.run({"op": "limits"})) == LIMITS
     assert drive(healed.run({"op": "warmed"})) is True
