@@ -319,6 +319,8 @@ _ARRAY_FIELDS: dict[type, tuple[str, ...]] = {
 
 
 def _pack_value(value: Any) -> Any:
+    if value is None:
+        return None
     if isinstance(value, list):
         return [_pack_value(v) for v in value]
     if isinstance(value, dict):
@@ -328,6 +330,8 @@ def _pack_value(value: Any) -> Any:
 
 def _unpack_value(value: Any) -> Any:
     """The inverse of ``_pack_value``: in array fields, the only tuples are packed arrays."""
+    if value is None:
+        return None
     if isinstance(value, list):
         return [_unpack_value(v) for v in value]
     if isinstance(value, dict):
@@ -335,19 +339,29 @@ def _unpack_value(value: Any) -> Any:
     return _unpack(value)
 
 
+def _layout(cls: type) -> tuple[tuple[str, bool], ...]:
+    """(field name, holds arrays) for each field of a job or result class, computed once per class."""
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        arrays = _ARRAY_FIELDS[cls]
+        layout = _LAYOUTS[cls] = tuple((f.name, f.name in arrays) for f in fields(cls))
+    return layout
+
+
+_LAYOUTS: dict[type, tuple[tuple[str, bool], ...]] = {}
+
+
 def _reduce(obj: Any) -> tuple[Any, ...]:
     """Compact pickling of a dataclass job or result: its field values, array fields packed."""
-    arrays = _ARRAY_FIELDS[type(obj)]
-    values = tuple(
-        _pack_value(getattr(obj, f.name)) if f.name in arrays else getattr(obj, f.name) for f in fields(obj)
-    )
+    layout = _layout(type(obj))
+    values = tuple(_pack_value(getattr(obj, n)) if packed else getattr(obj, n) for n, packed in layout)
     return _rebuild, (type(obj), values)
 
 
 def _rebuild(cls: type, values: tuple[Any, ...]) -> Any:
-    arrays = _ARRAY_FIELDS[cls]
-    names = [f.name for f in fields(cls)]
-    return cls(*(_unpack_value(v) if name in arrays else v for name, v in zip(names, values, strict=True)))
+    return cls(
+        *(_unpack_value(v) if packed else v for (_, packed), v in zip(_layout(cls), values, strict=True))
+    )
 
 
 Job = GradientJob | ModelGradientJob | TrainStepJob | ExpressionStepJob
