@@ -168,8 +168,12 @@ def _call(
 
 def after_reply() -> None:
     """Build the plans the last calls asked for (the worker calls it once a reply is sent)."""
-    while _PENDING:
-        _adopt_plan(*_PENDING.pop())
+    while True:
+        try:
+            pending = _PENDING.pop()  # atomic: in-process callers may run jobs in several threads
+        except IndexError:
+            return
+        _adopt_plan(*pending)
 
 
 def _run_plan(plan: Plan, inputs: list[np.ndarray]) -> list[np.ndarray] | None:
