@@ -185,47 +185,33 @@ def test_batched_points_use_a_plan_too() -> None:
     assert_same(first, third)
 
 
+def random_case(expression: str, derivatives: tuple[str, ...], **extra: Any) -> None:
+    """TF's answer and the plan's agree for a generated expression of the random-expression strategy."""
+    note(f"expression: {expression}")
+    runner._CACHE.entries.clear()
+    first, third = three_calls(
+        lambda: GradientJob(
+            expression=expression, constants=CONSTANTS, derivatives=derivatives, dtype="float64", **extra
+        )
+    )
+    assert third.executor == "numpy"  # every operation of the strategy has a numpy kernel
+    assert_same(first, third, rtol=1e-11)
+
+
 @SETTINGS
 @given(expression=scalar_expressions(), x=points(3), y=points(3), vx=points(3), vy=points(3))
 def test_random_scalar_expressions(
     expression: str, x: np.ndarray, y: np.ndarray, vx: np.ndarray, vy: np.ndarray
 ) -> None:
-    note(f"expression: {expression}")
-    runner._CACHE.entries.clear()
-
-    def make() -> GradientJob:
-        return GradientJob(
-            expression=expression,
-            variables={"x": x, "y": y},
-            constants=CONSTANTS,
-            tangents={"x": vx, "y": vy},
-            derivatives=("gradient", "hessian", "hvp"),
-            dtype="float64",
-        )
-
-    first, third = three_calls(make)
-    assert third.executor == "numpy"  # every operation of this strategy has a numpy kernel
-    assert_same(first, third, rtol=1e-11)
+    random_case(
+        expression, ("gradient", "hessian", "hvp"), variables={"x": x, "y": y}, tangents={"x": vx, "y": vy}
+    )
 
 
 @SETTINGS
 @given(expression=vector_expressions(), x=points(3), y=points(3), u=points(3))
 def test_random_vector_expressions(expression: str, x: np.ndarray, y: np.ndarray, u: np.ndarray) -> None:
-    note(f"expression: {expression}")
-    runner._CACHE.entries.clear()
-
-    def make() -> GradientJob:
-        return GradientJob(
-            expression=expression,
-            variables={"x": x, "y": y},
-            constants=CONSTANTS,
-            cotangent=u,
-            derivatives=("jacobian", "vjp"),
-            dtype="float64",
-        )
-
-    first, third = three_calls(make)
-    assert_same(first, third, rtol=1e-11)
+    random_case(expression, ("jacobian", "vjp"), variables={"x": x, "y": y}, cotangent=u)
 
 
 # -- kernels against TensorFlow directly ---------------------------------------------------------
