@@ -7,12 +7,14 @@ executor, its thread pool), two to three times that when the worker has been idl
 for a 10-element Rosenbrock gradient that is nearly all of the work. A plan for the same graph is a
 list of ~30 numpy calls on tiny arrays.
 
-A graph becomes a plan only if every node is in ``_KERNELS`` (pure ops with numpy equivalents) and
-every shape is static; ops whose inputs are all known (shape arithmetic, broadcast reduction
-indices) are folded once, when the plan is built. The runner builds a plan when a program is called
-for the second time, and keeps it only if its outputs match TensorFlow's for that call. TensorFlow
-stays the authority at run time too: a plan that raises, or whose outputs are not all finite
-(where NaN and infinity conventions of the two libraries may differ), is answered by TF instead.
+A graph becomes a plan only if every node has a numpy kernel here (``_FACTORIES``: pure ops with
+numpy equivalents, written as TF's kernels compute them) or is answered from static shapes; ops
+whose inputs are all known (shape arithmetic, broadcast reduction axes) are folded once, when the
+plan is built, and nested function calls are inlined. The runner asks for a plan on a program's
+second call, builds it once that call's reply is sent, and keeps it only if it reproduces
+TensorFlow's outputs for that call. TensorFlow stays the authority at run time too: a plan that
+raises, or whose outputs are not all finite (where the two libraries' NaN and infinity conventions
+may differ), is answered by TF instead.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class UnsupportedGraph(Exception):
 class Plan:
     """Registers (constants pre-filled) and steps ``(kernel, input registers, output register)``."""
 
-    __slots__ = ("inputs", "outputs", "registers", "steps")
+    __slots__ = ("fixed", "inputs", "outputs", "registers", "steps")
 
     def __init__(
         self,
@@ -47,6 +49,8 @@ class Plan:
         self.steps = steps
         self.inputs = inputs
         self.outputs = outputs
+        # Registers no step writes (constants and inputs): an output that is one is returned as a copy.
+        self.fixed = frozenset(range(len(registers))) - {out for _, _, out in steps}
 
     def __call__(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The graph's outputs for these inputs (in the graph's input order); numpy errors propagate."""
@@ -61,7 +65,14 @@ class Plan:
                     regs[out] = kernel(regs[args[0]])
                 else:
                     regs[out] = kernel(*[regs[a] for a in args])
-        return [np.asarray(regs[o]) for o in self.outputs]
+        return [_fresh(regs[o], o in self.fixed) for o in self.outputs]
+
+
+def _fresh(value: Any, fixed: bool) -> np.ndarray:
+    """An output the caller may keep and change: never a constant of the plan, an input or a view."""
+    if not fixed and type(value) is np.ndarray and value.flags.owndata and value.flags.writeable:
+        return value
+    return np.array(value)
 
 
 # --- kernels -----------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ class TapeProgram:
     graph: Any = None  # the traced FuncGraph a numpy plan is read from; None: no plan possible
     plan: Plan | None = None
     plan_state: int = _PLAN_UNTRIED
-    seen: bool = False  # called once already (a plan is built on the second call)
+    seen: bool = False  # called once already: the second call asks for a plan
 
 
 class _ProgramCache:
@@ -430,8 +430,8 @@ def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapePro
     outputs = tuple(sorted(concrete.structured_outputs))
     call = _flat_caller(concrete)
     atomic = getattr(call, "__self__", None)  # the atomic function, when the flat call is its own
-    elements = sum(_numel(spec.shape) for spec in specs) if not stacked else PLAN_MAX_ELEMENTS + 1
-    graph = atomic.graph if atomic is not None and elements <= PLAN_MAX_ELEMENTS else None
+    small = not stacked and sum(_numel(spec.shape) for spec in specs) <= PLAN_MAX_ELEMENTS
+    graph = atomic.graph if atomic is not None and small else None
     return TapeProgram(call, tuple(inputs), outputs, compile_ms, stacked, graph)
 
 

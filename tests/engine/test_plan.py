@@ -290,3 +290,13 @@ def test_unknown_ops_and_dynamic_shapes_are_refused() -> None:
         plan_of(tf.math.erf, tf.TensorSpec([3], tf.float64))
     with pytest.raises(UnsupportedGraph, match="not static"):
         plan_of(lambda t: tf.ones(tf.shape(t), t.dtype) * t, tf.TensorSpec([None], tf.float64))
+
+
+def test_outputs_are_fresh_arrays_even_when_the_graph_folds_them_to_constants() -> None:
+    """The Hessian of a quadratic is a constant of the plan: a caller changing it must not change the plan."""
+    first, third = three_calls(lambda: job("sum(x**2) + x @ a @ y", ("gradient", "hessian")))
+    assert third.executor == "numpy" and third.hessian is not None
+    third.hessian["x"]["x"][:] = 123.0
+    fourth = execute(job("sum(x**2) + x @ a @ y", ("gradient", "hessian")))
+    assert isinstance(fourth, GradientResult) and fourth.executor == "numpy"
+    assert_same(first, fourth)
