@@ -143,7 +143,7 @@ def _tanh_grad(y: Any, dy: Any) -> Any:
 
 
 def _sigmoid_grad(y: Any, dy: Any) -> Any:
-    return dy * (y * (np.ones((), y.dtype) - y))
+    return dy * y * (np.ones((), y.dtype) - y)
 
 
 def _sqrt_grad(y: Any, dy: Any) -> Any:
@@ -244,6 +244,16 @@ def _gather(params: Any, indices: Any, axis: Any) -> Any:
     return np.take(params, indices, axis=axis)
 
 
+def _unsorted_segment_sum(data: Any, ids: Any, num_segments: Any) -> Any:
+    """UnsortedSegmentSum (gather's gradient); ids out of [0, n) go to TF, which drops or refuses them."""
+    n, ids, data = int(num_segments), np.asarray(ids), np.asarray(data)
+    if ids.size and (ids.min() < 0 or ids.max() >= n):
+        raise IndexError("segment id out of range")
+    out = np.zeros((n, *data.shape[ids.ndim :]), data.dtype)
+    np.add.at(out, ids, data)
+    return out
+
+
 def _broadcast_gradient_args(s0: Any, s1: Any) -> tuple[Any, Any]:
     """The axes to sum each operand's gradient over, as TF's BroadcastGradientArgs (folded only)."""
     s0, s1 = [int(v) for v in np.ravel(s0)], [int(v) for v in np.ravel(s1)]
@@ -322,7 +332,7 @@ _BINARY: dict[str, Kernel] = {
 }  # fmt: skip
 _OTHER: dict[str, Kernel] = {
     "AddN": _add_n, "ConcatV2": _concat, "SelectV2": _select_v2, "Select": _select,
-    "GatherV2": _gather, "Slice": _slice, "Pad": _pad,
+    "Slice": _slice, "Pad": _pad, "UnsortedSegmentSum": _unsorted_segment_sum,
 }  # fmt: skip
 # Comparisons and division by an integer are left out on purpose where their integer forms differ
 # (TF's Div floors integers): the dtype check in build_plan keeps integers to folded shape math.
@@ -504,6 +514,27 @@ def _cumulative(numpy_fn: Kernel) -> Callable[[Any, list[Any]], Kernel]:
     return factory
 
 
+def _gather_v2(node: Any, consts: list[Any]) -> Kernel:
+    """GatherV2; with batch_dims b (as pfor vectorizes a gather), one gather per batch element."""
+    batch_dims = int(node.get_attr("batch_dims"))
+    if batch_dims == 0:
+        return _gather
+
+    def batched(params: Any, indices: Any, axis: Any) -> Any:
+        params, indices = np.asarray(params), np.asarray(indices)
+        b = batch_dims + indices.ndim if batch_dims < 0 else batch_dims
+        a = int(axis) + params.ndim if int(axis) < 0 else int(axis)
+        batch = params.shape[:b]
+        if a < b or indices.shape[:b] != batch or not np.prod(batch, dtype=np.int64):
+            raise ValueError("a batched gather this kernel does not cover")
+        flat_params = params.reshape(-1, *params.shape[b:])
+        flat_indices = indices.reshape(-1, *indices.shape[b:])
+        parts = [_gather(p, i, a - b) for p, i in zip(flat_params, flat_indices, strict=True)]
+        return np.stack(parts).reshape(*batch, *parts[0].shape)
+
+    return batched
+
+
 def _with_consts(kernel: Kernel) -> Callable[[Any, list[Any]], Kernel]:
     return lambda node, consts: kernel
 
@@ -524,6 +555,7 @@ _FACTORIES: dict[str, Callable[[Any, list[Any]], Kernel]] = {
     "Squeeze": _squeeze,
     "Range": _range,
     "MatrixDiagV3": _matrix_diag,
+    "GatherV2": _gather_v2,
     "Cumsum": _cumulative(np.cumsum),
     "Cumprod": _cumulative(np.cumprod),
 }

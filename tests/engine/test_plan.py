@@ -106,6 +106,7 @@ PLANNED = [
     ("sum(arctan(x) + arcsinh(y) + cosh(x / 2) + tan(y / 2))", ("gradient", "hessian")),
     ("sum(abs(x) ** 2.5) + sum(abs(y) ** x)", ("gradient",)),
     ("sum(x / (1 + y ** 2)) + sum(x) / 4", ("gradient", "hessian")),
+    ("sum(take(x, [2, 0, 3, 2]) ** 3) + x[1] * y[3]", ALL_FIRST_AND_SECOND),
 ]
 
 
@@ -300,3 +301,17 @@ def test_outputs_are_fresh_arrays_even_when_the_graph_folds_them_to_constants() 
     fourth = execute(job("sum(x**2) + x @ a @ y", ("gradient", "hessian")))
     assert isinstance(fourth, GradientResult) and fourth.executor == "numpy"
     assert_same(first, fourth)
+
+
+@pytest.mark.parametrize(("axis", "batch_dims"), [(0, 0), (1, 1), (2, 1), (-1, 1), (2, 2)])
+def test_gathers_with_batch_dimensions_match_tensorflow(axis: int, batch_dims: int) -> None:
+    spec = tf.TensorSpec([2, 3, 4], tf.float64)
+    indices = np.array([[[1, 0], [2, 1], [0, 1]], [[1, 1], [0, 0], [1, 0]]], np.int32)  # all < 2
+
+    def fn(t: Any) -> Any:
+        picked = tf.constant(indices if batch_dims else indices[0, 0])
+        return tf.gather(t, picked, axis=axis, batch_dims=batch_dims)
+
+    t = RNG.normal(size=(2, 3, 4))
+    want = tf.function(fn, input_signature=[spec], autograph=False)(t).numpy()
+    np.testing.assert_array_equal(plan_of(fn, spec)(t)[0], want)
