@@ -327,7 +327,11 @@ def _grad(client: Any, args: argparse.Namespace, out: _Output) -> int:
         if result.derivatives is not None:
             body["derivatives"] = [_wire_json(d) for d in result.derivatives]
         body["dtype"] = result.dtype
-        body["meta"] = {"cache": result.meta.cache, "compute_ms": result.meta.compute_ms}
+        body["meta"] = {
+            "cache": result.meta.cache,
+            "compute_ms": result.meta.compute_ms,
+            "executor": result.meta.executor,
+        }
         out.json(body)
         return 0
     rows = [["value", "", _format_array(result.value)]]
@@ -339,7 +343,9 @@ def _grad(client: Any, args: argparse.Namespace, out: _Output) -> int:
             rows.append(["hessian", f"{a}, {b}", _format_array(array)])
     for i, array in enumerate(result.derivatives or [], start=1):
         rows.append([f"derivative {i}", (args.wrt or list(variables))[0], _format_array(array)])
-    title = f"{args.expression}  ({result.dtype}, cache {result.meta.cache}, {result.meta.compute_ms:.1f} ms)"
+    meta = result.meta
+    how = f"{result.dtype}, cache {meta.cache}, {meta.executor}, {meta.compute_ms:.1f} ms"
+    title = f"{args.expression}  ({how})"
     out.table(title, ["what", "variable", "result"], rows)
     return 0
 
