@@ -98,6 +98,12 @@ class Metrics:
             ("kind", "cache"),
             registry=self.registry,
         )
+        self.plan_jobs = Counter(
+            "tapeserve_numpy_plan_jobs",
+            "Jobs answered by their program's checked numpy plan instead of TensorFlow's runtime, by kind.",
+            ("kind",),
+            registry=self.registry,
+        )
         self.job_errors = Counter(
             "tapeserve_job_errors",
             "Jobs that ended in an error, by kind and problem code.",
@@ -119,7 +125,7 @@ class Metrics:
             registry=self.registry,
         )
         self._label_cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
-        self._job_children: dict[tuple[type, str], tuple[Any, Any, Any]] = {}
+        self._job_children: dict[tuple[type, str], tuple[Any, Any, Any, Any]] = {}
 
     def observe_response(self, method: str, route: str, status: int, duration_s: float) -> None:
         """Count one response (the request middleware's observer)."""
@@ -145,12 +151,19 @@ class Metrics:
             if children is None:  # labels() per job costs a lock and a tuple; job kinds are few
                 kind = _job_kind(job)
                 compile_child = self.compile.labels(kind) if cache == "miss" else None
-                children = (self.jobs.labels(kind, cache), self.compute.labels(kind, cache), compile_child)
+                children = (
+                    self.jobs.labels(kind, cache),
+                    self.compute.labels(kind, cache),
+                    compile_child,
+                    self.plan_jobs.labels(kind),
+                )
                 self._job_children[key] = children
             children[0].inc()
             children[1].observe(seconds)
             if children[2] is not None:
                 children[2].observe(seconds)
+            if getattr(item, "executor", None) == "numpy":
+                children[3].inc()
 
     def observe_error(self, job: Any, error: TapeserveError) -> None:
         self.job_errors.labels(_job_kind(job), error.code).inc()

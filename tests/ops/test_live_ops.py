@@ -27,16 +27,20 @@ def test_metrics_need_the_key_and_report_cache_and_compile(
 ) -> None:
     assert httpx.get(f"{ops_server.url}/metrics").status_code == 401
     before = ops_client.get("/metrics").text
-    # A program no other test uses: the first call compiles (miss), the second reuses it (hit).
+    # A program no other test uses: the first call compiles (miss), the others reuse it (hit); after
+    # the second, its numpy plan answers.
     body = {"expression": "sum(tanh(x) * 3.25)", "variables": {"x": [0.5, MARKER_VALUE]}, "dtype": "float64"}
-    metas = [ops_client.post("/v1/gradient", json=body).json()["meta"]["cache"] for _ in range(2)]
-    assert metas == ["miss", "hit"]
+    metas = [ops_client.post("/v1/gradient", json=body).json()["meta"] for _ in range(3)]
+    assert [m["cache"] for m in metas] == ["miss", "hit", "hit"]
+    assert [m["executor"] for m in metas] == ["tensorflow", "tensorflow", "numpy"]
     after = ops_client.get("/metrics").text
-    for cache in ("miss", "hit"):
+    for cache, count in (("miss", 1), ("hit", 2)):
         grew = _metric(after, "tapeserve_jobs_total", kind="gradient", cache=cache) - _metric(
             before, "tapeserve_jobs_total", kind="gradient", cache=cache
         )
-        assert grew == 1, cache
+        assert grew == count, cache
+    planned = _metric(after, "tapeserve_numpy_plan_jobs_total", kind="gradient")
+    assert planned - _metric(before, "tapeserve_numpy_plan_jobs_total", kind="gradient") == 1
     compiles = _metric(after, "tapeserve_compile_seconds_count", kind="gradient")
     assert compiles - _metric(before, "tapeserve_compile_seconds_count", kind="gradient") == 1
     assert _metric(after, "tapeserve_compile_seconds_sum", kind="gradient") > 0
@@ -44,7 +48,7 @@ def test_metrics_need_the_key_and_report_cache_and_compile(
     assert (
         _metric(after, "tapeserve_http_requests_total", **ok)
         - _metric(before, "tapeserve_http_requests_total", **ok)
-        == 2
+        == 3
     )
     assert _metric(after, "tapeserve_worker_rss_bytes", worker="0") > 50 * 2**20  # TF alone is more
     assert _metric(after, "tapeserve_worker_restarts_total", worker="0", cause="crash") == 0
