@@ -171,10 +171,6 @@ def _squared_difference(x: Any, y: Any) -> Any:
     return d * d
 
 
-def _select_v2(cond: Any, t: Any, e: Any) -> Any:
-    return np.where(cond, t, e)
-
-
 def _select(cond: Any, t: Any, e: Any) -> Any:
     """Select: an elementwise condition, a scalar one, or one per row (its own rule, not broadcasting)."""
     cond, t = np.asarray(cond), np.asarray(t)
@@ -307,10 +303,10 @@ def _pad(x: Any, paddings: Any) -> Any:
 _UNARY: dict[str, Kernel] = {
     "Abs": np.abs, "Acos": np.arccos, "Acosh": np.arccosh, "Asin": np.arcsin, "Asinh": np.arcsinh,
     "Atan": np.arctan, "Atanh": np.arctanh, "Ceil": np.ceil, "Cos": np.cos, "Cosh": np.cosh,
-    "Exp": np.exp, "Expm1": np.expm1, "Floor": np.floor, "Identity": _identity, "Inv": _reciprocal,
+    "Exp": np.exp, "Expm1": np.expm1, "Floor": np.floor, "Inv": _reciprocal,
     "Log": np.log, "Log1p": np.log1p, "Neg": np.negative, "OnesLike": _ones_like,
     "Reciprocal": _reciprocal, "Relu": _relu, "Rsqrt": _rsqrt, "Sigmoid": _sigmoid, "Sign": np.sign,
-    "Sin": np.sin, "Sinh": np.sinh, "Sqrt": np.sqrt, "Square": np.square, "StopGradient": _identity,
+    "Sin": np.sin, "Sinh": np.sinh, "Sqrt": np.sqrt, "Square": np.square,
     "Tan": np.tan, "Tanh": np.tanh, "ZerosLike": _zeros_like, "LogicalNot": np.logical_not,
     "PlaceholderWithDefault": _identity, "EnsureShape": _identity, "Snapshot": _identity,
     "Round": np.rint, "InvertPermutation": _invert_permutation, "Softplus": _softplus, "Elu": _elu,
@@ -331,7 +327,7 @@ _BINARY: dict[str, Kernel] = {
     "ExpandDims": _expand_dims, "Transpose": _transpose, "Fill": _fill,
 }  # fmt: skip
 _OTHER: dict[str, Kernel] = {
-    "AddN": _add_n, "ConcatV2": _concat, "SelectV2": _select_v2, "Select": _select,
+    "AddN": _add_n, "ConcatV2": _concat, "SelectV2": np.where, "Select": _select,
     "Slice": _slice, "Pad": _pad, "UnsortedSegmentSum": _unsorted_segment_sum,
 }  # fmt: skip
 # Comparisons and division by an integer are left out on purpose where their integer forms differ
