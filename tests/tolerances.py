@@ -21,6 +21,14 @@ agree to a few ulps per operation, not bit for bit.
     KERAS_FLOAT32           float32 engine training/gradient vs in-process Keras float32
     KERAS_FLOAT32_FORWARD   one float32 forward pass (a loss) vs Keras' forward pass
     ILL_CONDITIONED_ADAM    Adam vs Keras where a gradient is exactly 0 (documents the bad case)
+    FLOAT32_CLOSED_FORM     a float32 engine result vs the formula evaluated in float64
+    STENCIL_REFERENCE       float64 value vs a reference that is itself a 5-point stencil (digamma)
+    SECOND_FINITE_DIFFERENCE  float64 Hessian actions vs differences of differences
+    STACKED                 a stacked call (requests batched into one program) vs each request alone
+    PLAN_FEW_OPS            a numpy plan vs TensorFlow on hand-written programs of a few ops (float64)
+    PLAN_ONE_KERNEL         one numpy kernel of a plan vs TensorFlow's kernel (float64)
+    FLOAT32_LEARNING_RATE   float64 training vs numpy, where Keras keeps the learning rate in float32
+    CONVERGED               where an optimizer run ends vs the known optimum it converges to
 """
 
 from __future__ import annotations
@@ -127,6 +135,72 @@ ILL_CONDITIONED_ADAM = Tolerance(
     "(sqrt(v) + 1e-7), so the parameter moves by a noise-decided fraction of the learning rate (0.05) "
     "and the difference reaches the other weights through the relu. Measured on this fixture: 2.2e-4 "
     "absolute on that bias and 7e-4 relative elsewhere after 4 steps. Only the documenting test uses it.",
+)
+
+
+FLOAT32_CLOSED_FORM = Tolerance(
+    1e-6,
+    1e-7,
+    "A float32 engine result (a gradient, a loss, a regularization sum) vs the formula evaluated in "
+    "float64 from the same float32 inputs: the float32 side rounds at 6e-8 per op, and its few ops "
+    "(a sin/cos kernel, a sum of tens of terms, the mix of two losses) reach a few 1e-7; 1e-6 is ~16 "
+    "ulps (measured: 2e-8). The absolute 1e-7 is for entries that are zero in exact arithmetic.",
+)
+STENCIL_REFERENCE = Tolerance(
+    1e-10,
+    1e-10,
+    "A float64 value vs a reference that is itself a finite difference: numpy and math have no "
+    "digamma, so its reference is a 5-point stencil of math.lgamma (h = 1e-3) whose truncation "
+    "h^4 psi^(5) / 30 grows near the poles (measured 4.4e-11 at the test's points, 44 times CLOSED_FORM). "
+    "A wrong kernel is off by far more than 1e-10.",
+)
+SECOND_FINITE_DIFFERENCE = Tolerance(
+    1e-5,
+    1e-6,
+    "float64 Hessian actions vs central differences of central differences (step 1e-4 on both "
+    "levels, the UM-Bridge ApplyHessian reference): truncation ~h^2 is 1e-8 relative, but rounding is "
+    "eps * |f| / h^2 ~ 1e-8 * |f| absolute, 1.8e-7 measured on the arm model (|f| ~ 40) where the exact "
+    "entry is 0; 1e-6 absolute and 1e-5 relative keep a fivefold margin over that, and a wrong "
+    "second-derivative rule is off by O(1).",
+)
+STACKED = Tolerance(
+    1e-12,
+    1e-12,
+    "A stacked call (requests of one signature batched along a new leading axis into one program) vs "
+    "each request run alone, in float64: the same ops, but the batched kernels (matmuls, reductions "
+    "over the request axis) may sum in another order, so a few ulps per reduction; 1e-12 leaves 3-4 "
+    "digits of room, and a request mixed up with its neighbour is off by O(1).",
+)
+PLAN_FEW_OPS = Tolerance(
+    1e-12,
+    1e-12,
+    "A numpy plan vs the TensorFlow program it was traced from, on the hand-written programs of "
+    "tests/engine/test_plan.py (a few ops per output, fixed inputs, float64): only a few reductions "
+    "can be reordered, so they agree to a few ulps; kept at 1e-12, ten times tighter than PLAN, which "
+    "covers the deeper generated expressions.",
+)
+PLAN_ONE_KERNEL = Tolerance(
+    1e-13,
+    1e-13,
+    "One numpy kernel of a plan (a matmul with transposes, a reduction over a few elements) vs "
+    "TensorFlow's kernel on the same float64 inputs: sums of at most a dozen terms in another order, "
+    "so an ulp or two per sum; 1e-13 is ~450 ulps, and a transposed operand is off by O(1).",
+)
+FLOAT32_LEARNING_RATE = Tolerance(
+    1e-7,
+    1e-12,
+    "float64 training vs the step written in numpy: Keras keeps the learning rate in a float32 "
+    "variable even in float64, so 0.1 is off by 1.5e-8 relative and so is the step lr * g; 1e-7 is "
+    "that with a sixfold margin, while a wrong gradient or learning rate is off by O(1).",
+)
+CONVERGED = Tolerance(
+    0.0,
+    1e-3,
+    "Where an optimizer run ends vs the known optimum it converges to (Rosenbrock's (1, 1), the "
+    "generating weights of noiseless linear data): not a rounding bound but one of convergence. "
+    "Measured: 8e-9 after 3000 Adam steps in float64 (tests/api/test_step_api.py), 4e-7 after 200 SGD "
+    "steps in float32 (tests/cli/test_client_commands.py); 1e-3 tells 'converged' from 'did not train' "
+    "and leaves room for a change of seed, initializer or step count.",
 )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import math
-import time
 from typing import Any
 
 import numpy as np
@@ -130,10 +129,8 @@ def test_float32_overflow_becomes_infinity_quietly() -> None:
 def test_million_elements_fast_path() -> None:
     values = np.random.default_rng(0).standard_normal(1_000_000)
     as_lists = values.reshape(1000, 1000).tolist()
-    started = time.perf_counter()
     decoded = decode_tensor(as_lists, "float64", field="v", max_elements=1_000_000)
     encoded = encode_tensor(decoded, keep_arrays=True)
-    elapsed = time.perf_counter() - started
+    # Its speed is a bench/ figure (make bench: the 1M-element rows), not an assertion here.
     assert isinstance(encoded, np.ndarray)
     np.testing.assert_array_equal(decoded.ravel(), values)
-    assert elapsed < 2.0, elapsed  # ~0.1 s here; a Python-level walk would take several times that

@@ -16,6 +16,7 @@ from service.errors import (
     TapeserveError,
 )
 from service.limits import Limits
+from tests.tolerances import CLOSED_FORM, DERIVED_CHAIN, EXACT, assert_close
 
 ROSEN = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"
 
@@ -59,18 +60,19 @@ def test_the_guides_custom_relu() -> None:
     result = execute(
         GradientJob("custom_relu(x)", {"x": np.array([-2.0, 0.0, 2.0], np.float32)}, functions=functions)
     )
-    np.testing.assert_array_equal(result.value, [0.0, 0.0, 2.0])
+    assert_close(result.value, [0.0, 0.0, 2.0], EXACT, "value")
     assert result.gradient is not None
-    np.testing.assert_array_equal(result.gradient["x"], [0.0, 0.0, 1.0])
+    assert_close(result.gradient["x"], [0.0, 0.0, 1.0], EXACT, "gradient")
 
 
 def test_rosenbrock_gradient_and_hessian_match_closed_forms() -> None:
     x = np.random.default_rng(0).uniform(-2, 2, 10)
     result = execute(job(ROSEN, variables={"x": x}, derivatives=("gradient", "hessian")))
     assert result.gradient is not None and result.hessian is not None
-    np.testing.assert_allclose(result.value, np.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2))
-    np.testing.assert_allclose(result.gradient["x"], rosen_grad(x), rtol=1e-12)
-    np.testing.assert_allclose(result.hessian["x"]["x"], rosen_hess(x), rtol=1e-12)
+    expected_value = np.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)
+    assert_close(result.value, expected_value, CLOSED_FORM, "value")
+    assert_close(result.gradient["x"], rosen_grad(x), CLOSED_FORM, "gradient")
+    assert_close(result.hessian["x"]["x"], rosen_hess(x), CLOSED_FORM, "hessian")
 
 
 def test_every_derivative_comes_from_one_program_and_is_consistent() -> None:
@@ -86,10 +88,10 @@ def test_every_derivative_comes_from_one_program_and_is_consistent() -> None:
         )
     )
     assert result.hvp is not None and result.vjp is not None and result.jacobian is not None
-    np.testing.assert_allclose(result.hvp["x"], rosen_hess(x) @ v, rtol=1e-10)
-    np.testing.assert_allclose(result.jvp, rosen_grad(x) @ v, rtol=1e-10)
-    np.testing.assert_allclose(result.vjp["x"], u * rosen_grad(x), rtol=1e-10)
-    np.testing.assert_allclose(result.jacobian["x"], rosen_grad(x), rtol=1e-10)
+    assert_close(result.hvp["x"], rosen_hess(x) @ v, DERIVED_CHAIN, "hvp")
+    assert_close(result.jvp, rosen_grad(x) @ v, DERIVED_CHAIN, "jvp")
+    assert_close(result.vjp["x"], u * rosen_grad(x), DERIVED_CHAIN, "vjp")
+    assert_close(result.jacobian["x"], rosen_grad(x), DERIVED_CHAIN, "jacobian")
 
 
 def test_programs_are_cached_per_signature() -> None:
@@ -98,7 +100,7 @@ def test_programs_are_cached_per_signature() -> None:
     other_shape = execute(job("sum(x**3) + 0.5", variables={"x": [3.0, 4.0, 5.0]}))
     assert (first.cache, second.cache, other_shape.cache) == ("miss", "hit", "miss")
     assert second.gradient is not None
-    np.testing.assert_allclose(second.gradient["x"], [27.0, 48.0])
+    assert_close(second.gradient["x"], [27.0, 48.0], CLOSED_FORM, "gradient")
 
 
 def test_vector_valued_jacobian_and_sum_semantics_of_gradient() -> None:
@@ -107,14 +109,14 @@ def test_vector_valued_jacobian_and_sum_semantics_of_gradient() -> None:
     assert result.jacobian is not None and result.gradient is not None
     expected = np.diag(np.cos(x) * x[0])
     expected[:, 0] += np.sin(x)
-    np.testing.assert_allclose(result.jacobian["x"], expected, rtol=1e-12)
-    np.testing.assert_allclose(result.gradient["x"], expected.sum(axis=0), rtol=1e-12)
+    assert_close(result.jacobian["x"], expected, CLOSED_FORM, "jacobian")
+    assert_close(result.gradient["x"], expected.sum(axis=0), CLOSED_FORM, "gradient")
 
 
 def test_unused_and_non_wrt_variables() -> None:
     result = execute(job("a * 2", variables={"a": 1.0, "b": [1.0, 2.0]}, derivatives=("gradient", "hessian")))
     assert result.gradient is not None and result.hessian is not None
-    np.testing.assert_array_equal(result.gradient["b"], [0.0, 0.0])
+    assert_close(result.gradient["b"], [0.0, 0.0], EXACT, "gradient of the unused b")
     assert result.hessian["a"]["b"].shape == (2,) and result.hessian["b"]["b"].shape == (2, 2)
     only_a = execute(job("a * b[0]", variables={"a": 1.0, "b": [3.0, 2.0]}, wrt=("a",)))
     assert only_a.gradient == {"a": 3.0}
@@ -123,9 +125,9 @@ def test_unused_and_non_wrt_variables() -> None:
 def test_mixed_hessian_blocks() -> None:
     result = execute(job("a**2 * sum(b**3)", variables={"a": 2.0, "b": [1.0, 2.0]}, derivatives=("hessian",)))
     assert result.hessian is not None
-    np.testing.assert_allclose(result.hessian["a"]["b"], 2 * 2.0 * 3 * np.array([1.0, 4.0]))
-    np.testing.assert_allclose(result.hessian["b"]["a"], result.hessian["a"]["b"])
-    np.testing.assert_allclose(result.hessian["b"]["b"], np.diag(4.0 * 6 * np.array([1.0, 2.0])))
+    assert_close(result.hessian["a"]["b"], 2 * 2.0 * 3 * np.array([1.0, 4.0]), CLOSED_FORM, "d2/da db")
+    assert_close(result.hessian["b"]["a"], result.hessian["a"]["b"], CLOSED_FORM, "d2/db da = d2/da db")
+    assert_close(result.hessian["b"]["b"], np.diag(4.0 * 6 * np.array([1.0, 2.0])), CLOSED_FORM, "d2/db2")
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
@@ -135,7 +137,7 @@ def test_order_k_derivatives_of_a_scalar_function(k: int) -> None:
     x = 0.7
     closed = [2 * np.exp(2 * x) + 5 * x**4, 4 * np.exp(2 * x) + 20 * x**3,
               8 * np.exp(2 * x) + 60 * x**2, 16 * np.exp(2 * x) + 120 * x]  # fmt: skip
-    np.testing.assert_allclose(result.higher["derivatives"], closed[:k], rtol=1e-10)
+    assert_close(result.higher["derivatives"], closed[:k], DERIVED_CHAIN, f"derivatives of order 1..{k}")
 
 
 def test_order_derivative_tensor_of_a_vector_variable() -> None:
@@ -149,7 +151,7 @@ def test_order_derivative_tensor_of_a_vector_variable() -> None:
     expected[0, 0, 0] = 6
     for idx in [(0, 1, 1), (1, 0, 1), (1, 1, 0)]:
         expected[idx] = 2
-    np.testing.assert_allclose(third, expected, atol=1e-12)
+    assert_close(third, expected, CLOSED_FORM, "third derivative tensor")
 
 
 def test_batch_gives_f_f1_f2_on_a_grid_in_one_call() -> None:
@@ -158,9 +160,9 @@ def test_batch_gives_f_f1_f2_on_a_grid_in_one_call() -> None:
         job("x * sin(x)", variables={"x": grid}, derivatives=("gradient", "hessian"), batch=True)
     )
     assert result.gradient is not None and result.hessian is not None
-    np.testing.assert_allclose(result.value, grid * np.sin(grid), rtol=1e-12)
-    np.testing.assert_allclose(result.gradient["x"], np.sin(grid) + grid * np.cos(grid), atol=1e-12)
-    np.testing.assert_allclose(result.hessian["x"]["x"], 2 * np.cos(grid) - grid * np.sin(grid), atol=1e-12)
+    assert_close(result.value, grid * np.sin(grid), CLOSED_FORM, "f")
+    assert_close(result.gradient["x"], np.sin(grid) + grid * np.cos(grid), CLOSED_FORM, "f'")
+    assert_close(result.hessian["x"]["x"], 2 * np.cos(grid) - grid * np.sin(grid), CLOSED_FORM, "f''")
 
 
 def test_batch_of_vector_points_with_shared_constants() -> None:
@@ -176,8 +178,8 @@ def test_batch_of_vector_points_with_shared_constants() -> None:
     )
     result = execute(j)
     assert result.gradient is not None and result.hessian is not None
-    np.testing.assert_allclose(result.gradient["x"], 2 * w * pts)
-    np.testing.assert_allclose(result.hessian["x"]["x"], np.broadcast_to(np.diag(2 * w), (5, 3, 3)))
+    assert_close(result.gradient["x"], 2 * w * pts, CLOSED_FORM, "gradient")
+    assert_close(result.hessian["x"]["x"], np.broadcast_to(np.diag(2 * w), (5, 3, 3)), CLOSED_FORM, "hessian")
 
 
 def test_float32_is_the_default_and_float64_is_honoured() -> None:
@@ -202,14 +204,14 @@ def test_custom_gradient_is_the_one_used_and_missing_params_fall_back_to_autodif
 def test_clip_gradient_and_stop_gradient() -> None:
     result = execute(job("clip_gradient(x, -1, 1) * 10 + stop_gradient(x) * 5", variables={"x": [1.0, 2.0]}))
     assert result.gradient is not None
-    np.testing.assert_array_equal(result.gradient["x"], [1.0, 1.0])
+    assert_close(result.gradient["x"], [1.0, 1.0], EXACT, "gradient")
 
 
 def test_comparisons_and_conditionals_are_masks() -> None:
     x = np.array([-1.0, 0.5, 2.0])
     result = execute(job("sum((x > 0) * x**2 + (x if x < 1 and x > -0.5 else 0))", variables={"x": x}))
     assert result.gradient is not None
-    np.testing.assert_allclose(result.gradient["x"], [0.0, 2.0, 4.0])
+    assert_close(result.gradient["x"], [0.0, 2.0, 4.0], CLOSED_FORM, "gradient")
 
 
 def test_broadcast_past_the_element_limit_is_refused_before_it_runs() -> None:
@@ -275,13 +277,13 @@ def test_gradients_through_gather_are_dense(derivatives: tuple[str, ...]) -> Non
     grad = np.array([2.0, 0.0, 12.0])  # d/dx of x0^2 + 2 x2^2
     hess = np.diag([2.0, 0.0, 4.0])
     if result.gradient is not None:
-        np.testing.assert_allclose(result.gradient["x"], grad)
-        np.testing.assert_allclose(result.hessian["x"]["x"], hess)  # type: ignore[index]
+        assert_close(result.gradient["x"], grad, CLOSED_FORM, "gradient")
+        assert_close(result.hessian["x"]["x"], hess, CLOSED_FORM, "hessian")  # type: ignore[index]
     if result.vjp is not None:
-        np.testing.assert_allclose(result.vjp["x"], grad)
+        assert_close(result.vjp["x"], grad, CLOSED_FORM, "vjp")
     if result.hvp is not None:
-        np.testing.assert_allclose(result.hvp["x"], hess @ np.ones(3))
-        np.testing.assert_allclose(result.jacobian["x"], grad)  # type: ignore[index]
+        assert_close(result.hvp["x"], hess @ np.ones(3), CLOSED_FORM, "hvp")
+        assert_close(result.jacobian["x"], grad, CLOSED_FORM, "jacobian")  # type: ignore[index]
 
 
 def test_hessian_of_a_vector_expression_is_refused() -> None:

@@ -19,6 +19,7 @@ from hypothesis.extra.numpy import arrays
 import service.expr  # noqa: F401  (its parser raises the recursion limit on import: do it before hypothesis runs)
 from service.engine import GradientJob, GradientResult, execute
 from tests.engine.finite_differences import Arrays, finite_difference
+from tests.tolerances import DERIVED_CHAIN, FINITE_DIFFERENCE, Tolerance, assert_close
 
 N = 3  # length of each variable
 VARIABLES = ("x", "y")
@@ -27,9 +28,8 @@ CONSTANTS = {"c": np.array([0.8, -0.35, 1.2])}
 FIRST_ORDER_STEP = 1e-6
 # The 5-point stencil's truncation error is ~h**4, so a larger step keeps rounding small too.
 SECOND_ORDER_STEP = 1e-3
-RTOL = 1e-6
-# Identities between derivatives (hvp = H v, ...) involve only rounding, so they can be much tighter.
-IDENTITY_RTOL = 1e-10
+# Derivatives against differences: FINITE_DIFFERENCE. Identities between derivatives (hvp = H v, ...)
+# involve only rounding, so they are held to the much tighter DERIVED_CHAIN.
 
 # Each new expression costs a trace (~0.3-1 s); these counts keep the file well under a minute and a half.
 # derandomize: CI sees the same examples on every run; exploring new ones is for local runs
@@ -128,15 +128,13 @@ def run(expression: str, variables: Arrays, derivatives: tuple[str, ...], **extr
     return execute(job)
 
 
-def assert_close(
-    actual: Any, expected: Any, what: str, rtol: float, scale: float = 0.0, uncertainty: Any = 0.0
+def assert_scaled_close(
+    actual: Any, expected: Any, what: str, tolerance: Tolerance, scale: float = 0.0, uncertainty: Any = 0.0
 ) -> None:
-    """``uncertainty``: the reference's own error estimate (finite differences), added to the tolerance."""
-    expected = np.asarray(expected, np.float64)
-    assert np.shape(actual) == expected.shape, f"{what}: shape {np.shape(actual)} != {expected.shape}"
-    scale = max(1.0, scale, float(np.max(np.abs(expected), initial=0.0)))
-    atol = rtol * scale + 4 * float(np.max(np.abs(uncertainty), initial=0.0))
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+    """``tolerance`` scaled to the magnitude of ``expected`` (or ``scale``, that of the terms that sum
+    to it), widened by four times ``uncertainty``: the reference's own error estimate (finite differences)."""
+    reference_error = 4 * float(np.max(np.abs(uncertainty), initial=0.0))
+    assert_close(actual, expected, tolerance.scaled(expected, scale).widened(reference_error), what)
 
 
 def full_hessian(hessian: dict[str, Arrays]) -> np.ndarray:
@@ -165,10 +163,11 @@ def test_scalar_expression_gradient_hessian_hvp(
     assert r.gradient is not None and r.hessian is not None and r.hvp is not None
     for name in VARIABLES:
         fd = finite_difference(lambda v: at(v).value, variables, name, FIRST_ORDER_STEP, 3)
-        assert_close(r.gradient[name], fd, f"d/d{name}", RTOL, scale=float(np.abs(r.value)))
+        scale = float(np.abs(r.value))
+        assert_scaled_close(r.gradient[name], fd, f"d/d{name}", FINITE_DIFFERENCE, scale=scale)
 
     h = full_hessian(r.hessian)
-    assert_close(h, h.T, "Hessian symmetry", IDENTITY_RTOL)
+    assert_scaled_close(h, h.T, "Hessian symmetry", DERIVED_CHAIN)
     for a in VARIABLES:
         for b in VARIABLES:
 
@@ -179,15 +178,15 @@ def test_scalar_expression_gradient_hessian_hvp(
             # Richardson: the stencil's own error, from the same stencil at half the step. Strongly
             # oscillating compositions (sin(sin(p**2)) with p up to 27) leave it far above RTOL.
             half = finite_difference(grad, variables, b, SECOND_ORDER_STEP / 2, 5)
-            assert_close(r.hessian[a][b], fd, f"d2/d{a}d{b}", RTOL, uncertainty=fd - half)
+            assert_scaled_close(r.hessian[a][b], fd, f"d2/d{a}d{b}", FINITE_DIFFERENCE, uncertainty=fd - half)
 
     v = np.concatenate([vx, vy])
     hv = h @ v
-    assert_close(
+    assert_scaled_close(
         np.concatenate([r.hvp["x"], r.hvp["y"]]),
         hv,
         "hvp = H v",
-        IDENTITY_RTOL,
+        DERIVED_CHAIN,
         scale=float(np.abs(h).max() * np.abs(v).max()),
     )
 
@@ -210,15 +209,18 @@ def test_vector_expression_jacobian_jvp_vjp(
     assert r.jacobian is not None and r.jvp is not None and r.vjp is not None and r.gradient is not None
     for name in VARIABLES:
         fd = finite_difference(lambda v: at(v).value, variables, name, FIRST_ORDER_STEP, 3)
-        assert_close(r.jacobian[name], fd, f"Jacobian d/d{name}", RTOL, scale=float(np.abs(r.value).max()))
+        scale = float(np.abs(r.value).max())
+        assert_scaled_close(r.jacobian[name], fd, f"Jacobian d/d{name}", FINITE_DIFFERENCE, scale=scale)
         # the gradient of a non-scalar value is the gradient of its sum
-        assert_close(r.gradient[name], r.jacobian[name].sum(axis=0), f"gradient d/d{name}", IDENTITY_RTOL)
+        column_sums = r.jacobian[name].sum(axis=0)
+        assert_scaled_close(r.gradient[name], column_sums, f"gradient d/d{name}", DERIVED_CHAIN)
 
     j = np.concatenate([r.jacobian["x"], r.jacobian["y"]], axis=1)  # (3, 6)
     v = np.concatenate([vx, vy])
     scale = float(np.abs(j).max()) * 1.5 * N * 2
-    assert_close(r.jvp, j @ v, "jvp = J v", IDENTITY_RTOL, scale=scale)
-    assert_close(np.concatenate([r.vjp["x"], r.vjp["y"]]), u @ j, "vjp = u J", IDENTITY_RTOL, scale=scale)
+    assert_scaled_close(r.jvp, j @ v, "jvp = J v", DERIVED_CHAIN, scale=scale)
+    vjp = np.concatenate([r.vjp["x"], r.vjp["y"]])
+    assert_scaled_close(vjp, u @ j, "vjp = u J", DERIVED_CHAIN, scale=scale)
 
 
 BATCH = 4
@@ -243,11 +245,12 @@ def test_batch_equals_unbatched_per_point(
     for i in range(BATCH):
         single = run(expression, {"x": x[i], "y": y[i]}, derivatives, tangents={"x": vx[i], "y": vy[i]})
         assert single.gradient is not None and single.hessian is not None and single.hvp is not None
-        assert_close(batched.value[i], single.value, f"value at point {i}", IDENTITY_RTOL)
+        assert_scaled_close(batched.value[i], single.value, f"value at point {i}", DERIVED_CHAIN)
         for a in VARIABLES:
-            assert_close(batched.gradient[a][i], single.gradient[a], f"d/d{a} at point {i}", IDENTITY_RTOL)
-            assert_close(batched.hvp[a][i], single.hvp[a], f"hvp {a} at point {i}", IDENTITY_RTOL)
+            gradient = single.gradient[a]
+            assert_scaled_close(batched.gradient[a][i], gradient, f"d/d{a} at point {i}", DERIVED_CHAIN)
+            assert_scaled_close(batched.hvp[a][i], single.hvp[a], f"hvp {a} at point {i}", DERIVED_CHAIN)
             for b in VARIABLES:
-                assert_close(
-                    batched.hessian[a][b][i], single.hessian[a][b], f"d2/d{a}d{b} at point {i}", IDENTITY_RTOL
+                assert_scaled_close(
+                    batched.hessian[a][b][i], single.hessian[a][b], f"d2/d{a}d{b} at point {i}", DERIVED_CHAIN
                 )

@@ -24,6 +24,7 @@ OPS_ENV = {
     "TAPESERVE_MAX_STEPS": "20",
     "TAPESERVE_MAX_SYNTAX_NODES": "2000",
     "TAPESERVE_MAX_EXPRESSION_CHARS": "2000",
+    "TAPESERVE_REQUEST_TIMEOUT_S": "30",  # named here: test_schemathesis reads it
 }
 
 

@@ -7,6 +7,7 @@ schema and never a 5xx. Bounded to a few examples per operation so the file runs
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.conftest import LiveServer
-from tests.ops.conftest import API_KEY, restarts
+from tests.ops.conftest import API_KEY, OPS_ENV, restarts
 
 ROOT = Path(__file__).resolve().parents[2]
 # Streaming train-steps and /v1/step are included: the ops server caps steps at 20, so each is quick.
@@ -56,6 +57,16 @@ def _asked_for_a_short_deadline(case: schemathesis.Case) -> bool:
     return isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout < _SHORT_DEADLINE_S
 
 
+def _deadline_passed(case: schemathesis.Case, response: Any) -> bool:
+    """A 504 ``timeout`` problem is the documented answer to a deadline that passed: a short one the
+    request asked for, or the server's own, which a cold model compile can reach on a loaded machine."""
+    if response.status_code != 504 or response.json().get("code") != "timeout":
+        return False
+    return _asked_for_a_short_deadline(case) or response.elapsed >= 0.9 * float(
+        OPS_ENV["TAPESERVE_REQUEST_TIMEOUT_S"]
+    )
+
+
 @schema.parametrize()
 @settings(
     max_examples=_EXAMPLES,
@@ -65,7 +76,7 @@ def _asked_for_a_short_deadline(case: schemathesis.Case) -> bool:
 )
 def test_api_conforms_to_its_schema(case: schemathesis.Case, ops_server: LiveServer) -> None:
     response = case.call(base_url=ops_server.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
-    expected_timeout = response.status_code == 504 and _asked_for_a_short_deadline(case)
+    expected_timeout = _deadline_passed(case, response)
     case.validate_response(
         response,
         checks=[check for check in CHECKS if not (expected_timeout and check is not_a_server_error)],

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.workers.pool_probes import all_idle  # noqa: E402 - needs ROOT on sys.path
+from tests.workers.pool_probes import PATIENCE_S, all_idle  # noqa: E402 - needs ROOT on sys.path
 
 HANDLER = "tests.workers.handlers:dispatch"
 T = TypeVar("T")
@@ -33,8 +33,8 @@ class Driver:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
 
-    def __call__(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-        # Every test is bounded, with or without pytest-timeout.
+    def __call__(self, coro: Coroutine[Any, Any, T], timeout: float = PATIENCE_S + 30.0) -> T:
+        # Every test is bounded, with or without pytest-timeout; the waits inside give up first.
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
 
 

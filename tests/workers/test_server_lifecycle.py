@@ -6,7 +6,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,30 @@ import pytest
 
 from tests.conftest import LiveServer, start_server, stop_server
 
-# ~2e10 flops per matmul of 3000x3000 (9M elements, under the 10M limit): seconds of real work.
-SLOW = ("x * sum(matmul(matmul(matmul(matmul(M, M), M), M), M)) + 0 * x").replace(
-    "M", "reshape(sin(arange(9000000)), (3000, 3000))"
-)
+# A float64 matmul of 3000x3000 (9M elements, under the 10M limit) and its gradient: ~2 s of real work
+# on an idle 2-core machine. M depends on x, so Grappler cannot fold the work into a constant.
+M = "reshape(sin(arange(9000000) * x), (3000, 3000))"
+
+
+def matmuls(n: int) -> str:
+    return "sum(" + "matmul(" * n + M + f", {M})" * n + ")"
+
+
+SLOW = matmuls(8)  # ~18 s idle: far longer than any deadline or wait below
+BUSY = matmuls(1)  # ~2 s idle: long enough to be seen running
+
+
+def worker_busy(server: LiveServer) -> bool:
+    status = httpx.get(f"{server.url}/readyz", timeout=30).json()
+    return any(w["state"] == "busy" for w in status["pool"]["workers"])
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 120.0) -> None:
+    """Poll until ``condition`` holds; the ceiling is generous (a loaded machine), the wait is not."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def worker_pids(server: LiveServer) -> list[int]:
@@ -38,7 +58,7 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
+def wait_gone(pids: list[int], timeout_s: float = 120.0) -> list[int]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.1)
@@ -46,8 +66,8 @@ def wait_gone(pids: list[int], timeout_s: float = 15.0) -> list[int]:
 
 
 def gradient(server: LiveServer, expression: str, **extra: Any) -> httpx.Response:
-    body = {"expression": expression, "variables": {"x": 1.5}, **extra}
-    return httpx.post(f"{server.url}/v1/gradient", json=body, timeout=120)
+    body = {"expression": expression, "variables": {"x": 1.5}, "dtype": "float64", **extra}
+    return httpx.post(f"{server.url}/v1/gradient", json=body, timeout=300)
 
 
 @pytest.fixture
@@ -71,15 +91,15 @@ def test_a_killed_worker_fails_only_its_request_and_the_pool_heals(fresh_server:
     answers: list[httpx.Response] = []
     slow = threading.Thread(target=lambda: answers.append(gradient(fresh_server, SLOW)))
     slow.start()
-    time.sleep(1.5)  # the slow request is running on the only worker
+    wait_for(lambda: worker_busy(fresh_server), "the slow request to run on the only worker")
     os.kill(pid, signal.SIGKILL)
-    slow.join(timeout=60)
+    slow.join(timeout=300)
     (answer,) = answers
     assert answer.status_code == 503
     assert answer.headers["content-type"].startswith("application/problem+json")
     assert answer.json()["code"] == "worker_crashed"
     # The pool respawns the worker; the next request is served correctly.
-    fresh_server.wait_ready(timeout_s=60)
+    fresh_server.wait_ready()
     after = gradient(fresh_server, "x**3")
     assert after.status_code == 200 and after.json()["gradient"]["x"] == pytest.approx(3 * 1.5**2)
     assert worker_pids(fresh_server) != [pid]
@@ -90,8 +110,10 @@ def test_a_request_past_its_deadline_gets_504_promptly(fresh_server: LiveServer)
     answer = gradient(fresh_server, SLOW, timeout_s=1.0)
     elapsed = time.monotonic() - start
     assert answer.status_code == 504 and answer.json()["code"] == "timeout"
-    assert elapsed < 1.0 + 1.5, elapsed
-    fresh_server.wait_ready(timeout_s=60)
+    # At the deadline, not when the work would end (~18 s idle, more under load); the slack is for a
+    # loaded machine's scheduler, not a speed figure (bench/ measures those).
+    assert elapsed < 1.0 + 10.0, elapsed
+    fresh_server.wait_ready()
     assert gradient(fresh_server, "x**2").json()["gradient"]["x"] == pytest.approx(3.0)
 
 
@@ -101,15 +123,15 @@ def test_sigterm_finishes_in_flight_work_then_stops_every_worker(tmp_path: Path)
         server.wait_ready()
         pids = worker_pids(server)
         answers: list[httpx.Response] = []
-        slow = threading.Thread(target=lambda: answers.append(gradient(server, SLOW)))
+        slow = threading.Thread(target=lambda: answers.append(gradient(server, BUSY)))
         slow.start()
-        time.sleep(1.5)
+        wait_for(lambda: worker_busy(server), "the request to run on the only worker")
         server.process.send_signal(signal.SIGTERM)
-        slow.join(timeout=120)
+        slow.join(timeout=300)
         (answer,) = answers
         assert answer.status_code == 200, answer.text  # drained, not dropped
         # uvicorn re-raises the signal after its graceful shutdown, so the exit status says SIGTERM.
-        assert server.process.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert server.process.wait(timeout=120) in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in server.log()
         assert wait_gone(pids) == []
     finally:
@@ -123,7 +145,7 @@ def test_killing_the_api_process_hard_leaves_no_worker(tmp_path: Path) -> None:
         pids = worker_pids(server)
         assert pids and all(alive(p) for p in pids)
         server.process.kill()
-        server.process.wait(timeout=10)
+        server.process.wait(timeout=60)
         assert wait_gone(pids) == []
     finally:
         stop_server(server)

@@ -17,7 +17,7 @@ import pytest
 from service.errors import Overloaded, Timeout, WorkerCrashed
 from service.workers import PoolConfig, WorkerPool
 from tests.workers.conftest import HANDLER, ROOT, Driver
-from tests.workers.pool_probes import all_idle, busy_pids, pid_gone, restarts, wait_until
+from tests.workers.pool_probes import PATIENCE_S, all_idle, busy_pids, pid_gone, restarts, wait_until
 
 
 def test_recycling_after_n_jobs_drops_nothing(make_pool: Any, drive: Driver) -> None:
@@ -31,7 +31,7 @@ def test_recycling_after_n_jobs_drops_nothing(make_pool: Any, drive: Driver) -> 
     drive(all_idle(pool))
     # The old process serves on while its successor starts: at least one replacement, maybe fewer
     # than one per 3 jobs; every job answered.
-    drive(wait_until(lambda: pool.status()["workers"][0]["last_exit"] is not None, 15, "the old one's exit"))
+    drive(wait_until(lambda: pool.status()["workers"][0]["last_exit"] is not None, what="the old one's exit"))
     worker = pool.status()["workers"][0]
     assert worker["jobs"] == 10 and worker["pid"] != first_pid
     assert 1 <= worker["restarts_by_cause"]["recycle"] <= 3
@@ -50,10 +50,12 @@ def test_recycling_starts_the_successor_first_so_no_job_waits_for_a_start(
     # Meanwhile the old process keeps serving: with plain stop-then-start this job would wait for
     # a whole start-up, on a new process.
     assert drive(pool.run({"op": "pid"})) == first
-    drive(wait_until(lambda: pool.status()["workers"][0]["pid"] != first, 30, "the successor takes over"))
+    drive(wait_until(lambda: pool.status()["workers"][0]["pid"] != first, what="the successor takes over"))
     second = drive(pool.run({"op": "pid"}))
     assert second != first
-    drive(wait_until(lambda: pid_gone(first), 15, "the old process exits"))
+    drive(wait_until(lambda: pid_gone(first), what="the old process exits"))
+    # The process can be gone (a zombie) before the pool's reaper has recorded its exit: wait for the record.
+    drive(wait_until(lambda: pool.status()["workers"][0]["last_exit"] is not None, what="the exit recorded"))
     worker = pool.status()["workers"][0]
     assert worker["restarts_by_cause"]["recycle"] == 1 and worker["restarts_by_cause"]["crash"] == 0
     assert worker["last_exit"]["cause"] == "recycle" and worker["last_exit"]["exitcode"] == 0
@@ -85,7 +87,7 @@ def test_a_worker_that_cannot_start_backs_off(make_pool: Any, drive: Driver) -> 
     assert "AttributeError" in worker["last_exit"]["detail"]
     assert worker["state"] in ("starting", "backoff")
     # Without backoff it would restart every ~0.3 s; with it, the gaps grow.
-    drive(wait_until(lambda: pool.status()["workers"][0]["state"] == "backoff", 10.0, "backoff"))
+    drive(wait_until(lambda: pool.status()["workers"][0]["state"] == "backoff", what="backoff"))
     with pytest.raises(Timeout):
         drive(pool.run({"op": "echo", "value": 1}))
 
@@ -113,7 +115,7 @@ def test_close_drains_queued_and_running_jobs(make_pool: Any, drive: Driver) -> 
     assert drive(scenario()) == [0, 1, 2]
     assert pool.status()["workers"][0]["state"] == "stopped" and not pool.ready
     assert pool.status()["workers"][0]["restarts"] == 0
-    drive(wait_until(lambda: pid_gone(pid), 5.0, "worker exit"))
+    drive(wait_until(lambda: pid_gone(pid), what="worker exit"))
 
 
 def test_close_grace_expiry_cuts_off_long_jobs(make_pool: Any, drive: Driver) -> None:
@@ -125,13 +127,14 @@ def test_close_grace_expiry_cuts_off_long_jobs(make_pool: Any, drive: Driver) ->
         await busy_pids(pool)
         started = time.monotonic()
         await pool.close(grace_s=0.5)
-        assert time.monotonic() - started < 3.0
+        # Cut off, not drained: the jobs would have run 30 s (the rest is slack for a loaded machine).
+        assert time.monotonic() - started < 15.0
         return await asyncio.gather(*jobs, return_exceptions=True)
 
     running, queued = drive(scenario())
     assert isinstance(running, WorkerCrashed) and "shut down" in running.detail
     assert isinstance(queued, Overloaded) and "shutting down" in queued.detail
-    drive(wait_until(lambda: pid_gone(pid), 5.0, "worker exit"))
+    drive(wait_until(lambda: pid_gone(pid), what="worker exit"))
 
 
 def test_close_before_start_and_twice(drive: Driver) -> None:
@@ -152,11 +155,11 @@ def test_killing_the_parent_hard_leaves_no_worker(drive: Driver) -> None:
     )
     try:
         assert parent.stdout is not None
-        readable, _, _ = select.select([parent.stdout], [], [], 30.0)
+        readable, _, _ = select.select([parent.stdout], [], [], PATIENCE_S)
         assert readable, "the helper never reported its workers"
         pids = json.loads(parent.stdout.readline())
         assert len(pids) == 2 and not any(pid_gone(pid) for pid in pids)
     finally:
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
-    drive(wait_until(lambda: all(pid_gone(pid) for pid in pids), 5.0, "orphaned workers to exit"))
+    drive(wait_until(lambda: all(pid_gone(pid) for pid in pids), what="orphaned workers to exit"))

@@ -19,7 +19,7 @@ from service.limits import Limits
 from service.workers import WorkerPool
 from tests.workers.conftest import Driver
 from tests.workers.handlers import SignedJob
-from tests.workers.pool_probes import all_idle, busy_pids, restarts
+from tests.workers.pool_probes import all_idle, busy_pids, restarts, wait_until
 
 LIMITS = Limits(max_order=3)
 
@@ -125,7 +125,8 @@ def test_kill_9_during_a_request(healed: WorkerPool, drive: Driver) -> None:
         started = time.monotonic()
         with pytest.raises(WorkerCrashed) as caught:
             await task
-        assert time.monotonic() - started < 2.0
+        # Noticed at once, not when the 30 s job would have ended (the slack is for a loaded machine).
+        assert time.monotonic() - started < 15.0
         assert caught.value.status == 503 and "SIGKILL" in caught.value.detail
         await all_idle(healed)
         assert pid not in [w["pid"] for w in healed.status()["workers"]]
@@ -173,7 +174,7 @@ def test_timeout_kills_and_respawns_the_worker(healed: WorkerPool, drive: Driver
         return time.monotonic() - started
 
     elapsed = drive(scenario())
-    assert 0.95 <= elapsed < 2.0
+    assert 0.95 <= elapsed < 15.0  # at the deadline, not at the job's 30 s (slack: a loaded machine)
     drive(all_idle(healed))
     assert restarts(healed, "timeout") == before + 1
     assert drive(healed.run({"op": "echo", "value": "alive"})) == "alive"
@@ -184,13 +185,13 @@ def test_queue_wait_counts_toward_the_deadline(healed: WorkerPool, drive: Driver
 
     async def scenario() -> None:
         blockers = [
-            asyncio.ensure_future(healed.run({"op": "sleep", "seconds": 1.5, "value": i})) for i in range(2)
+            asyncio.ensure_future(healed.run({"op": "sleep", "seconds": 5.0, "value": i})) for i in range(2)
         ]
         await busy_pids(healed, 2)
-        started = time.monotonic()
         with pytest.raises(Timeout):
             await healed.run({"op": "echo", "value": "late"}, timeout_s=0.5)
-        assert time.monotonic() - started < 1.2
+        # It timed out in the queue: both workers were still busy when its deadline came.
+        assert not any(blocker.done() for blocker in blockers)
         assert await asyncio.gather(*blockers) == [0, 1]
 
     drive(scenario())
@@ -206,16 +207,15 @@ def test_timeout_cannot_exceed_the_configured_default(make_pool: Any, drive: Dri
             await pool.run({"op": "sleep", "seconds": 30}, timeout_s=60)
         return time.monotonic() - started
 
-    assert drive(scenario()) < 2.0
+    assert drive(scenario()) < 15.0  # the default's 1 s, not the asked 60 s nor the job's 30 s
 
 
 def test_a_cancelled_queued_request_is_dropped(healed: WorkerPool, drive: Driver) -> None:
     async def scenario() -> None:
-        blockers = [asyncio.ensure_future(healed.run({"op": "sleep", "seconds": 0.5})) for _ in range(2)]
+        blockers = [asyncio.ensure_future(healed.run({"op": "sleep", "seconds": 3.0})) for _ in range(2)]
         await busy_pids(healed, 2)
         waiting = asyncio.ensure_future(healed.run({"op": "echo", "value": 1}))
-        await asyncio.sleep(0.05)
-        assert healed.status()["queue_depth"] == 1
+        await wait_until(lambda: healed.status()["queue_depth"] == 1, what="the queued job")
         waiting.cancel()
         await asyncio.sleep(0)
         assert healed.status()["queue_depth"] == 0
@@ -228,14 +228,14 @@ def test_queue_full_is_overloaded_at_once(make_pool: Any, drive: Driver) -> None
     pool = make_pool(queue_size=2)
 
     async def scenario() -> None:
-        running = asyncio.ensure_future(pool.run({"op": "sleep", "seconds": 1.0, "value": "a"}))
+        running = asyncio.ensure_future(pool.run({"op": "sleep", "seconds": 3.0, "value": "a"}))
         await busy_pids(pool)
         queued = [asyncio.ensure_future(pool.run({"op": "echo", "value": v})) for v in "bc"]
-        await asyncio.sleep(0.05)
-        started = time.monotonic()
+        await wait_until(lambda: pool.status()["queue_depth"] == 2, what="two queued jobs")
         with pytest.raises(Overloaded) as caught:
             await pool.run({"op": "echo", "value": "d"})
-        assert time.monotonic() - started < 0.1
+        # At once: refused while the queue is still full, without waiting for a place.
+        assert not running.done() and pool.status()["queue_depth"] == 2
         error = caught.value
         assert error.status == 503 and error.code == "overloaded" and error.retry_after == 1  # type: ignore[attr-defined]
         assert error.to_dict()["retry_after"] == 1
