@@ -366,8 +366,8 @@ def _compile_gradient(job: ModelGradientJob, limits: Limits) -> _Program:
             # example i's own input gradient.
             result["saliency"] = tape.gradient(per, x, unconnected_gradients=_ZERO)
         if hvp:
-            products = outer.gradient(
-                grads, trainable, output_gradients=list(tangents), unconnected_gradients=_ZERO
+            products = _dense(
+                outer.gradient(grads, trainable, output_gradients=list(tangents), unconnected_gradients=_ZERO)
             )
             for i, h in enumerate(products):
                 result[f"hvp/{i}"] = h
@@ -606,7 +606,7 @@ def _compile_expression_step(job: ExpressionStepJob, limits: Limits) -> _Program
                     "(reduce it, e.g. sum(...))",
                     field="expression",
                 )
-        grads = tape.gradient(value, [v.value for v in variables], unconnected_gradients=_ZERO)
+        grads = _dense(tape.gradient(value, [v.value for v in variables], unconnected_gradients=_ZERO))
         clipped = kb.apply_clip(grads, job.clip)
         optimizer.apply(clipped, variables)
         norms = [tf.linalg.global_norm(grads), tf.linalg.global_norm(clipped)]
