@@ -12,6 +12,7 @@ from service.api.batching import Batcher
 from service.engine.jobs import GradientJob, GradientResult, StackedGradientJob
 from service.errors import EvaluationError, Timeout
 from tests.conftest import LiveServer
+from tests.tolerances import CLOSED_FORM, assert_close
 
 WINDOW_S = 0.005
 PATIENCE_S = 60.0  # ceiling of waits that end in milliseconds (generous for a loaded machine)
@@ -200,6 +201,6 @@ def test_concurrent_clients_of_a_live_server_are_stacked_and_each_gets_its_own_a
     assert blocked.status_code == 200, blocked.text
     for x, answer in zip(points, answers, strict=True):
         assert answer.status_code == 200, answer.text
-        np.testing.assert_allclose(answer.json()["gradient"]["x"], expected_gradient(x), rtol=1e-9)
+        assert_close(answer.json()["gradient"]["x"], expected_gradient(x), CLOSED_FORM, "gradient")
     after = httpx.get(f"{ready_server.url}/readyz").json()["batching"]
     assert after["stacked_requests"] > before["stacked_requests"]

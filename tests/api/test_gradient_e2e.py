@@ -9,6 +9,7 @@ import numpy as np
 
 from service.tensorcodec import decode_tensor
 from tests.conftest import LiveServer
+from tests.tolerances import CLOSED_FORM, assert_close
 
 ROSENBROCK = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"
 
@@ -65,8 +66,8 @@ def test_rosenbrock_gradient_and_hessian(ready_server: LiveServer) -> None:
             "dtype": "float64",
         },  # fmt: skip
     )
-    np.testing.assert_allclose(data["gradient"]["x"], rosenbrock_gradient(x), rtol=1e-12)
-    np.testing.assert_allclose(data["hessian"]["x"]["x"], rosenbrock_hessian(x), rtol=1e-12)
+    assert_close(data["gradient"]["x"], rosenbrock_gradient(x), CLOSED_FORM, "gradient")
+    assert_close(data["hessian"]["x"]["x"], rosenbrock_hessian(x), CLOSED_FORM, "hessian")
     assert data["dtype"] == "float64"
 
 
@@ -100,9 +101,9 @@ def test_hvp_jvp_vjp_and_base64(ready_server: LiveServer) -> None:
     )
     assert set(data) == {"value", "hvp", "jvp", "dtype", "meta"}
     hvp = decode_tensor(data["hvp"]["x"], "float64", field="hvp.x")
-    np.testing.assert_allclose(hvp, rosenbrock_hessian(x) @ v, rtol=1e-12)
+    assert_close(hvp, rosenbrock_hessian(x) @ v, CLOSED_FORM, "hvp")
     jvp = decode_tensor(data["jvp"], "float64", field="jvp")
-    np.testing.assert_allclose(jvp, rosenbrock_gradient(x) @ v, rtol=1e-12)
+    assert_close(jvp, rosenbrock_gradient(x) @ v, CLOSED_FORM, "jvp")
     data = compute(
         ready_server,
         {
@@ -128,10 +129,10 @@ def test_batch_of_points(ready_server: LiveServer) -> None:
             "dtype": "float64",
         },
     )
-    np.testing.assert_allclose(data["value"], grid**3, rtol=1e-12)
+    assert_close(data["value"], grid**3, CLOSED_FORM, "f")
     first, second = data["derivative"]["derivatives"]
-    np.testing.assert_allclose(first, 3 * grid**2, rtol=1e-12)
-    np.testing.assert_allclose(second, 6 * grid, rtol=1e-12, atol=1e-12)
+    assert_close(first, 3 * grid**2, CLOSED_FORM, "f'")
+    assert_close(second, 6 * grid, CLOSED_FORM, "f''")
 
 
 def test_nonfinite_values_travel_as_strings(ready_server: LiveServer) -> None:

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.api import Settings, create_app
 from tests.api.fakes import InlinePool
+from tests.tolerances import CLOSED_FORM, approx, assert_close
 
 LIMITS = {"max_params": 5_000, "max_layers": 6, "max_steps": 50, "max_batch": 64, "request_timeout_s": 60.0}
 
@@ -82,10 +83,9 @@ def test_model_gradient_returns_seeded_weights_and_every_gradient(client: TestCl
     assert [np.shape(w) for w in body["weights"]] == [(3, 4), (4,), (4, 2), (2,)]
     assert [np.shape(g) for g in body["weight_gradients"]] == [(3, 4), (4,), (4, 2), (2,)]
     assert np.shape(body["input_gradients"]) == (3, 3) == np.shape(body["x_adv"])
-    np.testing.assert_allclose(
-        body["x_adv"], np.asarray(X) + 0.05 * np.sign(body["input_gradients"]), rtol=0, atol=1e-12
-    )
-    assert body["loss"] == pytest.approx(body["data_loss"] + body["regularization_loss"])
+    fgsm = np.asarray(X) + 0.05 * np.sign(body["input_gradients"])
+    assert_close(body["x_adv"], fgsm, CLOSED_FORM, "x_adv")
+    assert body["loss"] == approx(body["data_loss"] + body["regularization_loss"], CLOSED_FORM)
     # The same weights sent back give the same loss.
     again = client.post(
         "/v1/model/gradient",

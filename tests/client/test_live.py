@@ -13,6 +13,14 @@ import pytest
 
 import service.client as ts
 from tests.conftest import LiveServer
+from tests.tolerances import (
+    CLOSED_FORM,
+    DERIVED_CHAIN,
+    EXACT,
+    FLOAT32_LEARNING_RATE,
+    approx,
+    assert_close,
+)
 
 ROSEN = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"
 X0 = np.array([1.5, -0.5, 2.0])
@@ -64,10 +72,10 @@ def client(ready_server: LiveServer) -> Iterator[ts.Client]:
 
 def test_gradient_value_and_grad_and_compute(client: ts.Client) -> None:
     grads = client.gradient(ROSEN, x=X0, dtype="float64")
-    np.testing.assert_allclose(grads["x"], rosen_grad(X0), rtol=1e-12)
+    assert_close(grads["x"], rosen_grad(X0), CLOSED_FORM, "gradient")
     value, grads = client.value_and_grad(ROSEN, {"x": X0}, dtype="float64")
-    assert value.shape == () and float(value) == pytest.approx(1065.0, rel=1e-12)
-    np.testing.assert_allclose(grads["x"], [1651.0, -203.0, 350.0], rtol=1e-12)
+    assert value.shape == () and float(value) == approx(1065.0, CLOSED_FORM)
+    assert_close(grads["x"], [1651.0, -203.0, 350.0], CLOSED_FORM, "value_and_grad's gradient")
     result = client.compute(ROSEN, derivatives=["gradient", "hessian"], x=X0, dtype="float64")
     assert result.dtype == "float64" and result.meta.cache in ("hit", "miss") and result.meta.compute_ms >= 0
     assert result.jacobian is None and result.hvp is None
@@ -81,49 +89,49 @@ def test_a_repeated_program_is_answered_by_its_checked_numpy_plan(client: ts.Cli
     assert (first.meta.executor, third.meta.executor) == ("tensorflow", "numpy")
     x = X0 + 0.5
     t = np.tanh(x)
-    np.testing.assert_allclose(third.gradient["x"], (1 - t**2) * x**2 + 2 * x * t, rtol=1e-12)  # type: ignore[index]
+    assert_close(third.gradient["x"], (1 - t**2) * x**2 + 2 * x * t, CLOSED_FORM, "gradient")  # type: ignore[index]
     second_derivative = -2 * t * (1 - t**2) * x**2 + 4 * x * (1 - t**2) + 2 * t
-    np.testing.assert_allclose(third.hessian["x"]["x"], np.diag(second_derivative), rtol=1e-12, atol=1e-15)  # type: ignore[index]
+    assert_close(third.hessian["x"]["x"], np.diag(second_derivative), CLOSED_FORM, "hessian")  # type: ignore[index]
 
 
 def test_the_builder_expression_gives_the_same_answer(client: ts.Client) -> None:
     x = ts.Var("x")
     f = (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
-    np.testing.assert_allclose(client.gradient(f, x=X0, dtype="float64")["x"], rosen_grad(X0), rtol=1e-12)
+    assert_close(client.gradient(f, x=X0, dtype="float64")["x"], rosen_grad(X0), CLOSED_FORM, "gradient")
 
 
 def test_hessian_hvp_jvp_vjp_jacobian(client: ts.Client) -> None:
     h = client.hessian(ROSEN, x=X0, dtype="float64")
-    np.testing.assert_allclose(h["x"]["x"], rosen_hess(X0), rtol=1e-12)
+    assert_close(h["x"]["x"], rosen_hess(X0), CLOSED_FORM, "hessian")
     v = np.array([0.5, -1.0, 2.0])
     hv = client.hvp(ROSEN, tangents={"x": v}, x=X0, dtype="float64")
-    np.testing.assert_allclose(hv["x"], rosen_hess(X0) @ v, rtol=1e-12)
+    assert_close(hv["x"], rosen_hess(X0) @ v, CLOSED_FORM, "hvp")
     a = np.array([[1.0, 2.0], [3.0, -1.0], [0.5, 0.0]])
     jac = client.jacobian("sin(A @ w)", constants={"A": a}, w=[0.3, -0.2], dtype="float64")
     expected_j = np.cos(a @ [0.3, -0.2])[:, None] * a
-    np.testing.assert_allclose(jac["w"], expected_j, rtol=1e-12)
+    assert_close(jac["w"], expected_j, CLOSED_FORM, "jacobian")
     jvp = client.jvp(
         "sin(A @ w)", tangents={"w": [1.0, 2.0]}, constants={"A": a}, w=[0.3, -0.2], dtype="float64"
     )
-    np.testing.assert_allclose(jvp, expected_j @ [1.0, 2.0], rtol=1e-12)
+    assert_close(jvp, expected_j @ [1.0, 2.0], CLOSED_FORM, "jvp")
     ct = np.array([1.0, -1.0, 2.0])
     vjp = client.vjp("sin(A @ w)", cotangent=ct, constants={"A": a}, w=[0.3, -0.2], dtype="float64")
-    np.testing.assert_allclose(vjp["w"], ct @ expected_j, rtol=1e-12)
+    assert_close(vjp["w"], ct @ expected_j, CLOSED_FORM, "vjp")
 
 
 def test_derivative_of_order_k(client: ts.Client) -> None:
     ds = client.derivative("x**5", order=4, x=2.0, dtype="float64")
-    assert [float(d) for d in ds] == pytest.approx([5 * 16, 20 * 8, 60 * 4, 120 * 2], rel=1e-12)
+    assert [float(d) for d in ds] == approx([5 * 16, 20 * 8, 60 * 4, 120 * 2], CLOSED_FORM)
     # With a builder expression and several variables: wrt picks the one.
     x, y = ts.Var("x"), ts.Var("y")
     ds = client.derivative(ts.exp(x * y), order=2, wrt="x", x=0.5, y=3.0, dtype="float64")
-    assert float(ds[1]) == pytest.approx(9.0 * np.exp(1.5), rel=1e-12)
+    assert float(ds[1]) == approx(9.0 * np.exp(1.5), CLOSED_FORM)
 
 
 def test_nonfinite_values_round_trip(client: ts.Client) -> None:
     value, grads = client.value_and_grad("x * 1.0", x=[np.nan, np.inf, -np.inf, 1.0], dtype="float64")
     assert np.isnan(value[0]) and value[1] == np.inf and value[2] == -np.inf and value[3] == 1.0
-    np.testing.assert_array_equal(grads["x"], [1.0, 1.0, 1.0, 1.0])
+    assert_close(grads["x"], [1.0, 1.0, 1.0, 1.0], EXACT, "gradient")
 
 
 def test_functions_health_and_ready(client: ts.Client) -> None:
@@ -145,7 +153,7 @@ def test_async_client_does_the_same(ready_server: LiveServer) -> None:
             return grads, readiness
 
     grads, readiness = asyncio.run(run())
-    np.testing.assert_allclose(grads["x"], rosen_grad(X0), rtol=1e-12)
+    assert_close(grads["x"], rosen_grad(X0), CLOSED_FORM, "gradient")
     assert readiness.ready
 
 
@@ -163,8 +171,8 @@ def test_base64_is_used_above_the_threshold_both_ways(ready_server: LiveServer) 
     assert isinstance(first["variables"]["x"], list) and "encoding" not in first  # type: ignore[index]
     assert second["variables"]["x"]["shape"] == [40, 40] and second["encoding"] == "base64"  # type: ignore[index]
     assert b'"b64"' not in transport.response_bodies[0] and b'"b64"' in transport.response_bodies[1]
-    np.testing.assert_allclose(g_small["x"], np.cos(small), rtol=1e-12)
-    np.testing.assert_allclose(g_large["x"], np.cos(large), rtol=1e-12)
+    assert_close(g_small["x"], np.cos(small), CLOSED_FORM, "gradient (JSON)")
+    assert_close(g_large["x"], np.cos(large), CLOSED_FORM, "gradient (base64)")
     assert g_large["x"].shape == (40, 40) and g_large["x"].dtype == np.float64
 
 
@@ -176,8 +184,8 @@ def test_forced_json_and_forced_base64_give_the_same_numbers(ready_server: LiveS
     ):
         a = as_json.hessian("sum(exp(x) * x)", x=x, dtype="float64")["x"]["x"]
         b = b64.hessian("sum(exp(x) * x)", x=x, dtype="float64")["x"]["x"]
-    np.testing.assert_array_equal(a, b)
-    np.testing.assert_allclose(np.diag(a), np.exp(x) * (x + 2), rtol=1e-12)
+    assert_close(a, b, EXACT, "JSON vs base64")
+    assert_close(np.diag(a), np.exp(x) * (x + 2), CLOSED_FORM, "hessian diagonal")
 
 
 # -- errors the server sends ---------------------------------------------------------------------------
@@ -264,12 +272,13 @@ def test_model_gradient_matches_the_closed_form(client: ts.Client) -> None:
         DENSE, XB, YB, weights=[W, B], loss="mse", wrt=["weights", "inputs"], dtype="float64"
     )
     loss, gw, gb = mse_grads(W, B)
-    assert result.loss == pytest.approx(loss, rel=1e-12) and result.regularization_loss == 0.0
+    assert result.loss == approx(loss, CLOSED_FORM) and result.regularization_loss == 0.0
     assert result.weight_gradients is not None and result.input_gradients is not None
-    np.testing.assert_allclose(result.weight_gradients[0], gw, rtol=1e-10)
-    np.testing.assert_allclose(result.weight_gradients[1], gb, rtol=1e-10)
+    assert_close(result.weight_gradients[0], gw, DERIVED_CHAIN, "kernel gradient")
+    assert_close(result.weight_gradients[1], gb, DERIVED_CHAIN, "bias gradient")
     residual = XB @ W + B - YB
-    np.testing.assert_allclose(result.input_gradients, (2 * residual / residual.size) @ W.T, rtol=1e-10)
+    input_gradients = (2 * residual / residual.size) @ W.T
+    assert_close(result.input_gradients, input_gradients, DERIVED_CHAIN, "input gradients")
 
 
 def test_adversarial_fgsm_is_x_plus_eps_sign_of_the_input_gradient(client: ts.Client) -> None:
@@ -277,7 +286,7 @@ def test_adversarial_fgsm_is_x_plus_eps_sign_of_the_input_gradient(client: ts.Cl
     residual = XB @ W + B - YB
     grad_x = (2 * residual / residual.size) @ W.T
     assert result.x_adv is not None
-    np.testing.assert_allclose(result.x_adv, XB + 0.1 * np.sign(grad_x), rtol=1e-12)
+    assert_close(result.x_adv, XB + 0.1 * np.sign(grad_x), CLOSED_FORM, "x_adv")
     assert result.adversarial_loss is not None and result.adversarial_loss > result.loss
 
 
@@ -292,11 +301,11 @@ def test_train_step_is_one_sgd_step(client: ts.Client) -> None:
         dtype="float64",
     )
     loss, gw, gb = mse_grads(W, B)
-    assert result.steps == 1 and result.loss == pytest.approx(loss, rel=1e-12)
-    assert result.gradient_norm == pytest.approx(float(np.sqrt((gw**2).sum() + (gb**2).sum())), rel=1e-10)
+    assert result.steps == 1 and result.loss == approx(loss, CLOSED_FORM)
+    assert result.gradient_norm == approx(float(np.sqrt((gw**2).sum() + (gb**2).sum())), DERIVED_CHAIN)
     # Keras keeps the learning rate in a float32 variable even in float64: 0.1 is off by 1.5e-8 relative.
-    np.testing.assert_allclose(result.weights[0], W - 0.1 * gw, rtol=1e-7)
-    np.testing.assert_allclose(result.weights[1], B - 0.1 * gb, rtol=1e-7)
+    assert_close(result.weights[0], W - 0.1 * gw, FLOAT32_LEARNING_RATE, "kernel")
+    assert_close(result.weights[1], B - 0.1 * gb, FLOAT32_LEARNING_RATE, "bias")
 
 
 def test_streamed_training_reports_progress_and_equals_the_unstreamed_run(client: ts.Client) -> None:
@@ -311,8 +320,9 @@ def test_streamed_training_reports_progress_and_equals_the_unstreamed_run(client
     assert [p.step for p in progress] == [4, 8, 12] and all(p.steps == 12 for p in progress)
     assert run.result is not None and run.result.steps == 12
     whole = client.train_step(DENSE, XB, YB, steps=12, **options)  # type: ignore[arg-type]
-    for streamed, direct in zip(run.result.weights, whole.weights, strict=True):
-        np.testing.assert_allclose(streamed, direct, rtol=1e-12)
+    # Streaming runs the same steps in chunks, feeding weights and state back: the same computation.
+    for i, (streamed, direct) in enumerate(zip(run.result.weights, whole.weights, strict=True)):
+        assert_close(streamed, direct, EXACT, f"weight {i}")
     assert run.result.loss < progress[0].loss  # type: ignore[operator]
     # Feeding weights and optimizer state back continues the same run: 12 + 3 = 15 steps.
     more = client.train_step(
@@ -327,7 +337,7 @@ def test_streamed_training_reports_progress_and_equals_the_unstreamed_run(client
         dtype="float64",
     )
     fifteen = client.train_step(DENSE, XB, YB, steps=15, **options)  # type: ignore[arg-type]
-    np.testing.assert_allclose(more.weights[0], fifteen.weights[0], rtol=1e-10)
+    assert_close(more.weights[0], fifteen.weights[0], EXACT, "kernel after 12 + 3 and 15 steps")
 
 
 def test_step_minimizes_an_expression(client: ts.Client) -> None:
@@ -335,8 +345,8 @@ def test_step_minimizes_an_expression(client: ts.Client) -> None:
         "sum((x - 3.0)**2)", optimizer={"type": "sgd", "learning_rate": 0.25}, x=[1.0, 5.0], dtype="float64"
     )
     # x - lr * 2 (x - 3) = [2, 4]; value before the step: 4 + 4.
-    np.testing.assert_allclose(result.variables["x"], [2.0, 4.0], rtol=1e-12)
-    assert result.value == pytest.approx(8.0) and result.steps == 1
+    assert_close(result.variables["x"], [2.0, 4.0], CLOSED_FORM, "x")
+    assert result.value == approx(8.0, CLOSED_FORM) and result.steps == 1
 
 
 def test_model_errors_name_the_field(client: ts.Client) -> None:

@@ -835,9 +835,7 @@ def test_hessian_matches_finite_differences(case: Case) -> None:
     for a in case.variables:
         for b in case.variables:
             tolerance = FINITE_DIFFERENCE.scaled(expected[a][b])
-            assert_close(
-                result.hessian[a][b], expected[a][b], tolerance, f"d2/d{a}d{b} of {case.expression}"
-            )
+            assert_close(result.hessian[a][b], expected[a][b], tolerance, f"d2/d{a}d{b} of {case.expression}")
 
 
 # -- user functions with custom gradients: second order goes through the gradient expression ------

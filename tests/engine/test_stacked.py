@@ -9,6 +9,7 @@ import pytest
 
 from service.engine import GradientJob, GradientResult, StackedGradientJob, execute
 from service.errors import EvaluationError, InvalidRequest
+from tests.tolerances import EXACT, FLOAT32_CLOSED_FORM, STACKED, assert_close
 
 ROSEN = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"
 
@@ -19,15 +20,15 @@ def stacked(jobs: list[GradientJob]) -> list[GradientResult]:
     return results
 
 
-def assert_same(a: Any, b: Any) -> None:
+def assert_same(a: Any, b: Any, what: str) -> None:
     if isinstance(a, dict):
         assert a.keys() == b.keys()
         for key in a:
-            assert_same(a[key], b[key])
+            assert_same(a[key], b[key], f"{what}/{key}")
     elif a is None:
         assert b is None
     else:
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        assert_close(a, b, STACKED, what)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_each_stacked_result_equals_its_own_call(
         alone = execute(job)
         assert isinstance(alone, GradientResult)
         for field in ("value", "gradient", "jacobian", "hessian", "hvp", "vjp"):
-            assert_same(getattr(result, field), getattr(alone, field))
+            assert_same(getattr(result, field), getattr(alone, field), field)
 
 
 def test_user_functions_with_custom_gradients_stack() -> None:
@@ -74,8 +75,8 @@ def test_user_functions_with_custom_gradients_stack() -> None:
         for v in ([-2.0, 0.0, 2.0], [1.0, -1.0, 3.0])
     ]
     results = stacked(jobs)
-    np.testing.assert_array_equal(results[0].gradient["x"], [0, 0, 1])  # type: ignore[index]
-    np.testing.assert_array_equal(results[1].gradient["x"], [1, 0, 1])  # type: ignore[index]
+    assert_close(results[0].gradient["x"], [0, 0, 1], EXACT, "gradient 0")  # type: ignore[index]
+    assert_close(results[1].gradient["x"], [1, 0, 1], EXACT, "gradient 1")  # type: ignore[index]
 
 
 def test_one_stacked_program_serves_any_number_of_requests() -> None:
@@ -87,7 +88,8 @@ def test_one_stacked_program_serves_any_number_of_requests() -> None:
 
     first, second = stacked(jobs(3)), stacked(jobs(17))
     assert len(second) == 17 and second[0].cache == "hit" and first[0].cache in ("hit", "miss")
-    np.testing.assert_allclose(second[16].gradient["x"], 2 * np.cos(np.full(3, 16.0)), rtol=1e-6)  # type: ignore[index]
+    gradient = second[16].gradient["x"]  # type: ignore[index]
+    assert_close(gradient, 2 * np.cos(np.full(3, 16.0)), FLOAT32_CLOSED_FORM, "gradient 16")
 
 
 def test_stacks_must_share_one_signature_and_fit_the_cap() -> None:

@@ -13,6 +13,18 @@ import tensorflow as tf
 from service.api.model_schemas import ModelSpec, TrainStepRequest
 from service.engine import execute
 from service.engine.jobs import ExpressionStepJob, ModelGradientJob, TrainStepJob, TrainStepResult
+from tests.tolerances import (
+    CLOSED_FORM,
+    DERIVED_CHAIN,
+    EXACT,
+    FINITE_DIFFERENCE,
+    FLOAT32_CLOSED_FORM,
+    KERAS_FLOAT32,
+    KERAS_FLOAT32_FORWARD,
+    Tolerance,
+    approx,
+    assert_close,
+)
 
 SPEC = ModelSpec.model_validate(
     {
@@ -102,8 +114,10 @@ def keras_loop(
     return [np.asarray(w) for w in model.get_weights()], losses
 
 
-def close(a: list[np.ndarray], b: list[np.ndarray], rtol: float = 1e-5) -> bool:
-    return all(np.allclose(x, y, rtol=rtol, atol=1e-6) for x, y in zip(a, b, strict=True))
+def close(a: list[np.ndarray], b: list[np.ndarray], tolerance: Tolerance, what: str = "") -> None:
+    """Two lists of tensors (weights, optimizer state), tensor by tensor."""
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert_close(x, y, tolerance, f"{what} tensor {i}")
 
 
 @pytest.mark.parametrize("clip", list(CLIPS))
@@ -126,17 +140,17 @@ def test_k_single_steps_equal_one_k_step_call_equal_keras(name: str, clip: str) 
         weights, state = single.weights, single.optimizer_state
         singles.append(single.history[0])
     # Stateless and exact: feeding back weights and state is the same computation, bit for bit.
-    assert all(np.array_equal(a, b) for a, b in zip(weights, batched.weights, strict=True))
-    assert all(np.array_equal(a, b) for a, b in zip(state or [], batched.optimizer_state, strict=True))
+    close(weights, batched.weights, EXACT, "weights")
+    close(state or [], batched.optimizer_state, EXACT, "optimizer state")
     assert [h.loss for h in singles] == [h.loss for h in batched.history]
     assert float(batched.optimizer_state[0]) == STEPS
 
     expected, losses = keras_loop(w0, raw, clip, STEPS)
-    assert close(batched.weights, expected), name
-    np.testing.assert_allclose([h.loss for h in batched.history], losses, rtol=1e-5)
+    close(batched.weights, expected, KERAS_FLOAT32, f"{name} vs Keras: weights")
+    assert_close([h.loss for h in batched.history], losses, KERAS_FLOAT32, f"{name} vs Keras: losses")
     first = batched.history[0]
-    if clip == "none":
-        assert first.clipped_gradient_norm == pytest.approx(first.gradient_norm)
+    if clip == "none":  # the same norm of the same (unclipped) gradients
+        assert first.clipped_gradient_norm == approx(first.gradient_norm, EXACT)
     else:
         assert first.clipped_gradient_norm < first.gradient_norm  # the thresholds above do clip
 
@@ -147,9 +161,9 @@ def test_regularization_loss_is_the_sum_of_model_losses() -> None:
     by_hand = 0.01 * np.sum(w[0].astype(np.float64) ** 2) + 0.02 * np.sum(np.abs(w[3].astype(np.float64)))
     model = reference_model(w)
     model(X)
-    assert result.regularization_loss == pytest.approx(float(tf.add_n(model.losses)), rel=1e-6)
-    assert result.regularization_loss == pytest.approx(by_hand, rel=1e-5)
-    assert result.loss == pytest.approx(result.data_loss + result.regularization_loss, rel=1e-6)
+    assert result.regularization_loss == approx(float(tf.add_n(model.losses)), KERAS_FLOAT32_FORWARD)
+    assert result.regularization_loss == approx(by_hand, FLOAT32_CLOSED_FORM)
+    assert result.loss == approx(result.data_loss + result.regularization_loss, FLOAT32_CLOSED_FORM)
 
 
 def _f64_loss(weights: list[np.ndarray], x: np.ndarray) -> float:
@@ -184,16 +198,16 @@ def test_weight_input_gradients_and_hvp_match_float64_finite_differences() -> No
             plus[i][idx] += h
             minus[i][idx] -= h
             fd = (_f64_loss(plus, x) - _f64_loss(minus, x)) / (2 * h)
-            assert result.weight_gradients[i][idx] == pytest.approx(fd, rel=1e-6, abs=1e-9)
+            assert result.weight_gradients[i][idx] == approx(fd, FINITE_DIFFERENCE)
     for idx in [(0, 0), (5, 3), (2, 1)]:
         xp, xm = x.copy(), x.copy()
         xp[idx] += h
         xm[idx] -= h
         fd = (_f64_loss(w, xp) - _f64_loss(w, xm)) / (2 * h)
-        assert result.input_gradients[idx] == pytest.approx(fd, rel=1e-6, abs=1e-9)
+        assert result.input_gradients[idx] == approx(fd, FINITE_DIFFERENCE)
     # Saliency: each example's own loss; the batch loss is their mean, so saliency = n * input gradient.
     assert result.saliency is not None
-    np.testing.assert_allclose(result.saliency, 6 * result.input_gradients, rtol=1e-10)
+    assert_close(result.saliency, 6 * result.input_gradients, DERIVED_CHAIN, "saliency")
     # HVP: directional derivative of the weight gradient along the tangents.
     eps = 1e-5
 
@@ -205,8 +219,8 @@ def test_weight_input_gradients_and_hvp_match_float64_finite_differences() -> No
 
     gp, gm = grads_at(1.0), grads_at(-1.0)
     assert result.hvp is not None
-    for hv, a, b in zip(result.hvp, gp, gm, strict=True):
-        np.testing.assert_allclose(hv, (a - b) / (2 * eps), rtol=1e-5, atol=1e-7)
+    for i, (hv, a, b) in enumerate(zip(result.hvp, gp, gm, strict=True)):
+        assert_close(hv, (a - b) / (2 * eps), FINITE_DIFFERENCE, f"hvp of weight {i}")
 
 
 def test_fgsm_is_x_plus_eps_sign_of_the_input_gradient_and_increases_the_loss() -> None:
@@ -219,7 +233,7 @@ def test_fgsm_is_x_plus_eps_sign_of_the_input_gradient_and_increases_the_loss() 
         tape.watch(xt)
         loss = keras.losses.MeanSquaredError()(Y, model(xt))
     grad = tape.gradient(loss, xt).numpy()
-    np.testing.assert_array_equal(result.x_adv, X + eps * np.sign(grad))
+    assert_close(result.x_adv, X + eps * np.sign(grad), EXACT, "x_adv")
     assert result.adversarial_loss is not None and result.adversarial_loss > result.data_loss
 
 
@@ -257,7 +271,7 @@ def test_adversarial_training_loss_mixes_clean_and_fgsm_losses() -> None:
     attack = execute(ModelGradientJob(SPEC, X, Y, w, MSE, adversarial={"method": "fgsm", "epsilon": 0.1}))
     assert isinstance(step, TrainStepResult) and attack.adversarial_loss is not None
     expected = (1 - ratio) * attack.data_loss + ratio * attack.adversarial_loss
-    assert step.history[0].data_loss == pytest.approx(expected, rel=1e-5)
+    assert step.history[0].data_loss == approx(expected, FLOAT32_CLOSED_FORM)
 
 
 @pytest.mark.parametrize(("baseline", "beta"), [(None, 0.0), ("mean", 0.1), (0.5, 0.0)])
@@ -298,8 +312,8 @@ def test_reinforce_gradient_matches_a_hand_computation(baseline: Any, beta: floa
     n = len(actions)
     dz = (p - onehot) * advantage[:, None] / n + beta * p * (np.log(p) + entropy[:, None]) / n
     loss = -np.mean(np.log(p[np.arange(n), actions]) * advantage) - beta * entropy.mean()
-    np.testing.assert_allclose(result.gradients[0], states.T @ dz, rtol=1e-10)
-    assert result.history[0].loss == pytest.approx(loss, rel=1e-12)
+    assert_close(result.gradients[0], states.T @ dz, DERIVED_CHAIN, "gradient")
+    assert result.history[0].loss == approx(loss, CLOSED_FORM)
 
 
 def test_dropout_and_batch_norm_steps_are_repeatable_and_update_moving_statistics() -> None:
@@ -323,7 +337,7 @@ def test_dropout_and_batch_norm_steps_are_repeatable_and_update_moving_statistic
         assert isinstance(single, TrainStepResult)
         weights, state = single.weights, single.optimizer_state
     assert weights is not None
-    assert all(np.array_equal(a, b) for a, b in zip(weights, batched.weights, strict=True))
+    close(weights, batched.weights, EXACT, "weights")
     assert not np.allclose(batched.weights[4], 0.0)  # moving_mean moved away from its zero start
 
 
@@ -344,7 +358,7 @@ def test_expression_steps_equal_a_keras_loop_and_are_stateless(clip: str) -> Non
             ExpressionStepJob(rosen, variables, optimizer=config, optimizer_state=state, clip=CLIPS[clip])
         )
         variables, state = single.variables, single.optimizer_state
-    np.testing.assert_array_equal(variables["x"], batched.variables["x"])
+    assert_close(variables["x"], batched.variables["x"], EXACT, "x")
 
     var = keras.Variable(x0)
     optimizer = keras.optimizers.Adam(learning_rate=0.05, **KERAS_CLIP[clip])
@@ -352,5 +366,5 @@ def test_expression_steps_equal_a_keras_loop_and_are_stateless(clip: str) -> Non
         with tf.GradientTape() as tape:
             value = rosenbrock_tf(var.value)
         optimizer.apply_gradients([(tape.gradient(value, var.value), var)])
-    np.testing.assert_allclose(batched.variables["x"], var.numpy(), rtol=1e-5)
-    assert batched.history[0].loss == pytest.approx(float(rosenbrock_tf(tf.constant(x0))), rel=1e-6)
+    assert_close(batched.variables["x"], var.numpy(), KERAS_FLOAT32, "x vs Keras")
+    assert batched.history[0].loss == approx(float(rosenbrock_tf(tf.constant(x0))), KERAS_FLOAT32_FORWARD)

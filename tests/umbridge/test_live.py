@@ -15,6 +15,7 @@ import umbridge
 import yaml
 
 from tests.conftest import ROOT, LiveServer, start_server, stop_server
+from tests.tolerances import CLOSED_FORM, FINITE_DIFFERENCE, SECOND_FINITE_DIFFERENCE, assert_close
 
 Vectors = list[np.ndarray]
 Model = Callable[[Vectors], Vectors]
@@ -214,8 +215,8 @@ def test_evaluate(url: str, name: str) -> None:
     output = _model(url, name)(_lists(point), config)
     expected = reference(point)
     assert [len(v) for v in output] == [len(v) for v in expected]
-    for got, want in zip(output, expected, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    for i, (got, want) in enumerate(zip(output, expected, strict=True)):
+        assert_close(got, want, CLOSED_FORM, f"output {i}")
 
 
 def _indices(reference: Model, point: Vectors) -> Iterator[tuple[int, int]]:
@@ -232,7 +233,8 @@ def test_gradient_is_j_transpose_sens(url: str, name: str) -> None:
     for out, inp in _indices(reference, point):
         sens = rng.normal(size=reference(point)[out].size)
         got = model.gradient(out, inp, _lists(point), sens.tolist(), config)
-        np.testing.assert_allclose(got, fd_gradient(reference, point, out, inp, sens), rtol=1e-6, atol=1e-7)
+        want = fd_gradient(reference, point, out, inp, sens)
+        assert_close(got, want, FINITE_DIFFERENCE, f"output {out}, input {inp}")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -244,7 +246,7 @@ def test_apply_jacobian_is_j_vec(url: str, name: str) -> None:
         vec = rng.normal(size=point[inp].size)
         got = model.apply_jacobian(out, inp, _lists(point), vec.tolist(), config)
         want = fd_jacobian_action(reference, point, out, inp, vec)
-        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        assert_close(got, want, FINITE_DIFFERENCE, f"output {out}, input {inp}")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -260,7 +262,7 @@ def test_apply_hessian_every_block(url: str, name: str) -> None:
                 got = model.apply_hessian(out, inp1, inp2, _lists(point), sens.tolist(), vec.tolist(), config)
                 assert len(got) == point[inp1].size
                 want = fd_hessian_action(reference, point, out, inp1, inp2, sens, vec)
-                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{out} {inp1} {inp2}")
+                assert_close(got, want, SECOND_FINITE_DIFFERENCE, f"{out} {inp1} {inp2}")
 
 
 def test_mixed_hessian_blocks_are_transposes(url: str) -> None:
@@ -270,10 +272,10 @@ def test_mixed_hessian_blocks_are_transposes(url: str) -> None:
     vec = np.array([0.5, -2.0])
     xy = model.apply_hessian(1, 0, 1, [x.tolist(), y.tolist()], [1.0], vec.tolist(), GENERIC_CONFIG)
     yx = model.apply_hessian(1, 1, 0, [x.tolist(), y.tolist()], [1.0], vec.tolist(), GENERIC_CONFIG)
-    np.testing.assert_allclose(xy, 3 * x**2 * vec, rtol=1e-12)
-    np.testing.assert_allclose(yx, 3 * x**2 * vec, rtol=1e-12)
+    assert_close(xy, 3 * x**2 * vec, CLOSED_FORM, "d2s/dx dy vec")
+    assert_close(yx, 3 * x**2 * vec, CLOSED_FORM, "d2s/dy dx vec")
     xx = model.apply_hessian(1, 0, 0, [x.tolist(), y.tolist()], [2.0], vec.tolist(), GENERIC_CONFIG)
-    np.testing.assert_allclose(xx, 2.0 * 6 * x * y * vec, rtol=1e-12)
+    assert_close(xx, 2.0 * 6 * x * y * vec, CLOSED_FORM, "d2s/dx2 vec")
 
 
 # --- errors ------------------------------------------------------------------------------------------
