@@ -27,6 +27,7 @@ from service.client._exceptions import (
     RequestTimeout,
     TapeserveError,
     TransportError,
+    WorkerCrashed,
     raise_problem,
 )
 from service.client._models import (
@@ -412,7 +413,7 @@ class Client(_Base):
         self.close()
 
     def _send(self, call: Call[T]) -> T:
-        retry = 0
+        retry = crashes = 0
         while True:
             try:
                 try:
@@ -422,15 +423,16 @@ class Client(_Base):
                 _raise_for_status(response, call.accept)
                 return call.parse(_decode_json(response.content, call.path))
             except TapeserveError as error:
-                delay = self.retry.delay(retry, error)
+                delay = self.retry.delay(retry, error, crashes)
                 if delay is None:
                     raise
+                crashes += isinstance(error, WorkerCrashed)
             self._sleep(delay)
             retry += 1
 
     def _stream(self, call: Call[Any]) -> Iterator[dict[str, Any]]:
         """The NDJSON lines of a streamed answer; retried only until the first line arrives."""
-        retry = 0
+        retry = crashes = 0
         while True:
             started = False
             try:
@@ -446,9 +448,10 @@ class Client(_Base):
                 except httpx.TransportError as error:
                     raise _transport_error(error, self.base_url) from error
             except TapeserveError as error:
-                delay = None if started else self.retry.delay(retry, error)
+                delay = None if started else self.retry.delay(retry, error, crashes)
                 if delay is None:
                     raise
+                crashes += isinstance(error, WorkerCrashed)
             self._sleep(delay)
             retry += 1
 
@@ -901,7 +904,7 @@ class AsyncClient(_Base):
         await self.aclose()
 
     async def _send(self, call: Call[T]) -> T:
-        retry = 0
+        retry = crashes = 0
         while True:
             try:
                 try:
@@ -911,15 +914,16 @@ class AsyncClient(_Base):
                 _raise_for_status(response, call.accept)
                 return call.parse(_decode_json(response.content, call.path))
             except TapeserveError as error:
-                delay = self.retry.delay(retry, error)
+                delay = self.retry.delay(retry, error, crashes)
                 if delay is None:
                     raise
+                crashes += isinstance(error, WorkerCrashed)
             await self._sleep(delay)
             retry += 1
 
     async def _stream(self, call: Call[Any]) -> AsyncIterator[dict[str, Any]]:
         """The NDJSON lines of a streamed answer; retried only until the first line arrives."""
-        retry = 0
+        retry = crashes = 0
         while True:
             started = False
             try:
@@ -936,9 +940,10 @@ class AsyncClient(_Base):
                 except httpx.TransportError as error:
                     raise _transport_error(error, self.base_url) from error
             except TapeserveError as error:
-                delay = None if started else self.retry.delay(retry, error)
+                delay = None if started else self.retry.delay(retry, error, crashes)
                 if delay is None:
                     raise
+                crashes += isinstance(error, WorkerCrashed)
             await self._sleep(delay)
             retry += 1
 

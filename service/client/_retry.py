@@ -31,6 +31,9 @@ class Retry:
     """
 
     attempts: int = 3
+    # A request whose worker died is sent again at most this many times: if the request itself is what
+    # kills workers (a poison program), every further retry would take down one more.
+    crash_retries: int = 1
     backoff: float = 0.25  # seconds before the first retry (before jitter)
     max_backoff: float = 8.0  # cap of one exponential wait
     max_retry_after: float = 60.0
@@ -38,16 +41,22 @@ class Retry:
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.attempts < 0 or self.backoff < 0 or self.max_backoff < 0 or self.max_retry_after < 0:
+        values = (self.attempts, self.crash_retries, self.backoff, self.max_backoff, self.max_retry_after)
+        if min(values) < 0:
             raise ValueError("Retry values must be non-negative")
 
     @staticmethod
     def retryable(error: TapeserveError) -> bool:
         return isinstance(error, ConnectError | Overloaded | WorkerCrashed | RateLimited)
 
-    def delay(self, retry: int, error: TapeserveError) -> float | None:
-        """Seconds to wait before retry number ``retry`` (0-based), or None when not to retry."""
+    def delay(self, retry: int, error: TapeserveError, crashes: int = 0) -> float | None:
+        """Seconds to wait before retry number ``retry`` (0-based), or None when not to retry.
+
+        ``crashes``: how many earlier answers to this call were ``worker_crashed``.
+        """
         if retry >= self.attempts or not self.retryable(error):
+            return None
+        if isinstance(error, WorkerCrashed) and crashes >= self.crash_retries:
             return None
         retry_after = getattr(error, "retry_after", None) if isinstance(error, APIError) else None
         if retry_after is not None:

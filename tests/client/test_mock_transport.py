@@ -82,13 +82,47 @@ def test_worker_crashed_and_connection_errors_back_off_exponentially_with_jitter
 
 
 def test_retries_stop_after_the_configured_attempts() -> None:
-    transport, seen = scripted([problem(503, "worker_crashed") for _ in range(3)])
+    transport, seen = scripted([problem(503, "overloaded") for _ in range(3)])
     sleeps: list[float] = []
     with make_client(transport, sleeps, retry=ts.Retry(attempts=2, rng=random.Random(0))) as client:
+        with pytest.raises(ts.Overloaded) as caught:
+            client.gradient("sum(x)", x=[1.0])
+    assert len(seen) == 3 and len(sleeps) == 2
+    assert caught.value.status == 503 and caught.value.code_value == "overloaded"
+
+
+def test_a_crashed_worker_is_retried_once_by_default() -> None:
+    # A request that kills its worker may be the cause: sending it again and again would take down
+    # one worker per retry. Other retryable answers in between do not reset the count.
+    script = [problem(503, "worker_crashed"), problem(503, "overloaded"), problem(503, "worker_crashed")]
+    transport, seen = scripted([*script, httpx.Response(200, json=GRADIENT_OK)])
+    sleeps: list[float] = []
+    with make_client(transport, sleeps) as client:
         with pytest.raises(ts.WorkerCrashed) as caught:
             client.gradient("sum(x)", x=[1.0])
     assert len(seen) == 3 and len(sleeps) == 2
-    assert caught.value.status == 503 and caught.value.code_value == "worker_crashed"
+    assert caught.value.code_value == "worker_crashed"
+    # More when asked for: Retry(crash_retries=2) sends it a third time.
+    transport, seen = scripted([*script, httpx.Response(200, json=GRADIENT_OK)])
+    retry = ts.Retry(attempts=3, crash_retries=2, rng=random.Random(0))
+    with make_client(transport, sleeps, retry=retry) as client:
+        client.gradient("sum(x)", x=[1.0])
+    assert len(seen) == 4
+
+
+def test_the_async_client_retries_a_crashed_worker_once_too() -> None:
+    transport, seen = scripted([problem(503, "worker_crashed") for _ in range(3)])
+
+    async def no_wait(seconds: float) -> None:
+        pass
+
+    async def run() -> None:
+        async with ts.AsyncClient("http://tapeserve.test", transport=transport, sleep=no_wait) as client:
+            await client.gradient("sum(x)", x=[1.0])
+
+    with pytest.raises(ts.WorkerCrashed):
+        asyncio.run(run())
+    assert len(seen) == 2
 
 
 def test_connection_failure_after_retries_is_connect_error() -> None:
