@@ -6,6 +6,7 @@ persistent GradientTapes (plus a ForwardAccumulator for jvp), as in the Gradient
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import OrderedDict
@@ -480,17 +481,38 @@ def _jacobian(tape: tf.GradientTape, target: Any, source: Any) -> Any:
 
 
 def _check_size(count: int, batch: int, limits: Limits, what: str) -> None:
-    if count * batch > limits.max_tensor_elements:
+    # An empty batch counts as one point: a zero-length axis never cancels another in a size check.
+    total = count * max(batch, 1)
+    if total > limits.max_tensor_elements:
         raise LimitExceeded(
-            f"the {what} would have {count * batch} elements; "
-            f"at most {limits.max_tensor_elements} are allowed",
+            f"the {what} would have {total} elements; at most {limits.max_tensor_elements} are allowed",
             limit="max_tensor_elements",
             allowed=limits.max_tensor_elements,
+            derivative=what,
+            estimate=total if total < 2**53 else float(total),  # JSON numbers stay exact or float
         )
+
+
+def _check_rows(rows: int, largest: int, batch: int, limits: Limits, what: str) -> int:
+    """Bound a vectorized Jacobian before it is traced; returns its largest tensor (per point).
+
+    ``_jacobian`` runs one vector-Jacobian product per row under ``tf.vectorized_map``, which gives
+    every tensor of the differentiated program a leading axis of ``rows``: its peak is about ``rows``
+    times the program's largest tensor (``largest``), and its identity seed is ``rows**2``.
+    """
+    _check_size(rows * rows, batch, limits, f"{what} (its identity seed, {rows} x {rows})")
+    _check_size(rows * largest, batch, limits, f"{what} (its {rows} vectorized rows of {largest} elements)")
+    return rows * largest
 
 
 def _numel(shape: Any) -> int:
     return int(np.prod([int(d) for d in shape], dtype=np.int64)) if len(shape) else 1
+
+
+def _bound(shape: Any) -> int:
+    """Elements of ``shape`` for a size check: exact Python ints, and a zero-length axis counts as
+    one, so it never hides the size of the others (pfor and identities still build them)."""
+    return math.prod(max(int(d), 1) for d in shape)
 
 
 def _tape_program(
@@ -543,7 +565,8 @@ def _tape_program(
                 field="derivatives" if what == "hessian" else "order",
             )
         if order:
-            _check_size(_numel(xs[0].shape) ** order, batch, limits, f"order-{order} derivative")
+            _check_size(_bound(xs[0].shape) ** order, batch, limits, f"order-{order} derivative")
+        largest = max(compiler.largest, *(_bound(x.shape) for x in xs), _bound(f.shape))
         grads: list[Any] = []
         chain: list[Any] = []
         # Close the tapes innermost first; each derivative is taken while the outer tapes still
@@ -555,6 +578,9 @@ def _tape_program(
                 grads = _dense(tapes[level].gradient(f, xs, unconnected_gradients=_ZERO))
                 chain = [grads[0]] if order else []
             elif len(chain) < order:
+                # Each level vectorizes the program of the level before, rows and all.
+                what = f"order-{len(chain) + 1} derivative"
+                largest = _check_rows(_bound(chain[-1].shape), largest, batch, limits, what)
                 chain.append(_jacobian(tapes[level], chain[-1], xs[0]))
         for i, d in enumerate(chain):
             out[f"higher/{i + 1}"] = d
@@ -563,7 +589,8 @@ def _tape_program(
                 out[f"gradient/{name}"] = g
         if "jacobian" in derivatives:
             for name, x in zip(wrt, xs, strict=True):
-                _check_size(_numel(f.shape) * _numel(x.shape), batch, limits, f"jacobian for {name!r}")
+                _check_size(_bound(f.shape) * _bound(x.shape), batch, limits, f"jacobian for {name!r}")
+                _check_rows(_bound(f.shape), largest, batch, limits, f"jacobian for {name!r}")
                 out[f"jacobian/{name}"] = _jacobian(tapes[-1], f, x)
         if "vjp" in derivatives:
             if cotangent.shape != f.shape:
@@ -578,7 +605,9 @@ def _tape_program(
         if "hessian" in derivatives:
             for a, ga in zip(wrt, grads, strict=True):
                 for b, xb in zip(wrt, xs, strict=True):
-                    _check_size(_numel(ga.shape) * _numel(xb.shape), batch, limits, f"hessian block {a}, {b}")
+                    block = f"hessian block {a}, {b}"
+                    _check_size(_bound(ga.shape) * _bound(xb.shape), batch, limits, block)
+                    _check_rows(_bound(ga.shape), largest, batch, limits, block)
                     out[f"hessian/{a}/{b}"] = _jacobian(tapes[-2], ga, xb)
         if "hvp" in derivatives:
             hvp = _dense(

@@ -64,8 +64,13 @@ class Compiler:
         self.tf = tf
         self.dtype = dtype
         self.limits = limits
-        # Under vectorized_map the traced shapes are per point; the real tensors are batch_size times larger.
-        self.batch_size = batch_size
+        # Under vectorized_map the traced shapes are per point; the real tensors are batch_size times
+        # larger. An empty batch still traces the per-point program: it counts as one point, so a
+        # zero-length axis never cancels another axis in a size check.
+        self.batch_size = max(batch_size, 1)
+        # The largest tensor (elements per point) this program built: derivatives that vectorize
+        # over rows (Jacobians, Hessians, order k) hold a copy of it per row, checked before tracing them.
+        self.largest = 1
         self._user: dict[str, Callable[..., Any]] = {}
         self._source = "expression"
 
@@ -78,6 +83,7 @@ class Compiler:
                 f"{self.limits.max_tensor_elements} are allowed for any tensor",
                 limit="max_tensor_elements",
                 allowed=self.limits.max_tensor_elements,
+                estimate=int(count * self.batch_size),
             )
 
     # -- entry points ---------------------------------------------------------------------------
@@ -102,12 +108,7 @@ class Compiler:
             out = build()
         except TapeserveError as exc:
             if isinstance(exc, LimitExceeded) and "line" not in exc.extra:
-                raise LimitExceeded(
-                    exc.detail,
-                    limit=exc.extra["limit"],
-                    allowed=exc.extra["allowed"],
-                    **self._where(node.span),
-                ) from None
+                raise LimitExceeded(exc.detail, **exc.extra, **self._where(node.span)) from None
             raise
         except (ValueError, tf.errors.InvalidArgumentError) as exc:
             raise ShapeError(_first_line(exc), **self._where(node.span)) from None
@@ -115,6 +116,7 @@ class Compiler:
             raise DTypeError(_first_line(exc), **self._where(node.span)) from None
         if isinstance(out, tf.Tensor) and out.shape.is_fully_defined():
             count = out.shape.num_elements() or 0
+            self.largest = max(self.largest, count)
             if count * self.batch_size > self.limits.max_tensor_elements:
                 raise LimitExceeded(
                     f"this part of the expression has shape {list(out.shape)}"
@@ -123,6 +125,7 @@ class Compiler:
                     f"{self.limits.max_tensor_elements} are allowed for any tensor",
                     limit="max_tensor_elements",
                     allowed=self.limits.max_tensor_elements,
+                    estimate=count * self.batch_size,
                     **self._where(node.span),
                 )
         return out
