@@ -11,6 +11,15 @@ from typing import Any
 
 import numpy as np
 
+from service.models.hyperparameters import (
+    clip_kind,
+    clip_values,
+    model_structure,
+    optimizer_structure,
+    optimizer_values,
+    regularizer_values,
+)
+
 __all__ = [
     "DERIVATIVES",
     "StackedGradientJob",
@@ -139,6 +148,11 @@ def _plain(value: Any) -> str:
     return repr(value)
 
 
+def _hyperparameters(values: list[float]) -> np.ndarray:
+    """The float64 vector of a compiled program's hyper-parameters (service/models/hyperparameters.py)."""
+    return np.array(values, np.float64)
+
+
 @dataclass(slots=True)
 class ModelGradientJob:
     """Loss, gradients (weights and/or inputs), HVP, saliency or adversarial inputs of a model spec."""
@@ -156,11 +170,14 @@ class ModelGradientJob:
     dtype: str = "float32"
 
     def signature(self) -> str:
-        """What the compiled model program depends on (batch size excluded: traced with a free batch axis)."""
+        """What the compiled model program depends on (batch size excluded: traced with a free batch axis).
+
+        Regularization strengths are not part of it: they are ``hyperparameters()``, fed on every call.
+        """
         return "|".join(
             [
                 "model-gradient",
-                _plain(self.model),
+                _plain(model_structure(self.model)),
                 str(list(self.x.shape[1:])),
                 "-" if self.y is None else str(list(self.y.shape[1:])),
                 _plain(self.loss),
@@ -172,6 +189,10 @@ class ModelGradientJob:
                 self.dtype,
             ]
         )
+
+    def hyperparameters(self) -> np.ndarray:
+        """The run-time inputs of the compiled program: every regularizer's l1 and l2."""
+        return _hyperparameters(regularizer_values(self.model))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _reduce(self)
@@ -216,19 +237,30 @@ class TrainStepJob:
     dtype: str = "float32"
 
     def signature(self) -> str:
-        """What the compiled step depends on: spec, per-example shapes, optimizer, clip, objective, loss."""
+        """What the compiled step depends on: spec, per-example shapes, optimizer, clip, objective, loss.
+
+        Only their structure: the optimizer's type and boolean options, the clip kind, which
+        regularizers exist. Learning rate, momentum, betas, epsilon, rho, weight decay, the clip
+        threshold and L1/L2 strengths are ``hyperparameters()``, inputs of the compiled step.
+        """
         return "|".join(
             [
                 "train-step",
-                _plain(self.model),
+                _plain(model_structure(self.model)),
                 str(list(self.x.shape[1:])),
                 "-" if self.y is None else str(list(self.y.shape[1:])),
-                _plain(self.optimizer),
-                _plain(self.clip),
+                _plain(optimizer_structure(self.optimizer)),
+                str(clip_kind(self.clip)),
                 _plain(self.objective),
                 _plain(self.loss),
                 self.dtype,
             ]
+        )
+
+    def hyperparameters(self) -> np.ndarray:
+        """The run-time inputs of the compiled step: optimizer, clip threshold, regularization strengths."""
+        return _hyperparameters(
+            optimizer_values(self.optimizer) + clip_values(self.clip) + regularizer_values(self.model)
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -281,11 +313,15 @@ class ExpressionStepJob:
                 _plain(list(self.functions.items())),
                 ",".join(f"{k}{list(v.shape)}" for k, v in self.variables.items()),
                 ",".join(f"{k}{list(v.shape)}" for k, v in self.constants.items()),
-                _plain(self.optimizer),
-                _plain(self.clip),
+                _plain(optimizer_structure(self.optimizer)),
+                str(clip_kind(self.clip)),
                 self.dtype,
             ]
         )
+
+    def hyperparameters(self) -> np.ndarray:
+        """The run-time inputs of the compiled step: the optimizer's floats, then the clip threshold."""
+        return _hyperparameters(optimizer_values(self.optimizer) + clip_values(self.clip))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _reduce(self)

@@ -9,6 +9,11 @@ Loading and reading back happen inside traced graphs, never variable by variable
 Keras ``assign`` or ``numpy()`` costs ~0.3-0.6 ms each, a dozen of them more than the step itself):
 a train step's graph takes the weights and optimizer state as inputs, assigns them, steps and
 returns the new ones, so one call of one concrete function is the whole step.
+
+Hyper-parameters are inputs too (service/models/hyperparameters.py): a job's signature holds only
+the optimizer's type and options, the clip kind and which regularizers exist, and the numbers
+(learning rate, betas, clip threshold, L1/L2 strengths...) come in as one float64 vector per call.
+A learning-rate schedule therefore compiles once and runs every later step from the cache.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from service.expr.compiler import Compiler
 from service.expr.program import build_program
 from service.limits import Limits
 from service.models import keras_build as kb
+from service.models.hyperparameters import clip_kind, regularizer_slots
 from service.models.layout import model_layout
 
 __all__ = ["cache_info", "run_training_job"]
@@ -238,8 +244,11 @@ def _checked(
     return [np.asarray(v, dtype) for v in values]
 
 
-def _checked_state(state: list[np.ndarray] | None, program: _Program, dtype: str) -> list[np.ndarray]:
-    checked = _checked(state, program.fresh_state, "optimizer_state", dtype, "this optimizer and model need")
+def _checked_state(
+    state: list[np.ndarray] | None, program: _Program, dtype: str, optimizer: dict[str, Any]
+) -> list[np.ndarray]:
+    fresh = kb.fresh_optimizer_state(program.fresh_state, optimizer)  # Adagrad's start is the job's own
+    checked = _checked(state, fresh, "optimizer_state", dtype, "this optimizer and model need")
     it = checked[0]
     if not np.isfinite(it) or it < 0 or it != np.round(it):
         raise InvalidRequest(
@@ -254,10 +263,27 @@ def _spec_of(array: np.ndarray | None, dtype: Any) -> tf.TensorSpec:
     return tf.TensorSpec(shape, dtype)
 
 
-def _build_model(spec: dict[str, Any], dtype: str, limits: Limits) -> tuple[Any, list[np.ndarray]]:
+def _build_model(spec: dict[str, Any], dtype: str, limits: Limits) -> tuple[Any, list[np.ndarray], list[Any]]:
+    """The model, its seeded weights and its regularizers (in the order of the hyper-parameter vector)."""
     model_layout(spec, limits)  # the same checks as the API, in case a job comes from elsewhere
-    model = kb.build_model(spec, dtype)
-    return model, kb.initial_weights(model)
+    made: dict[tuple[int, str], Any] = {}
+    model = kb.build_model(spec, dtype, made)
+    return model, kb.initial_weights(model), [made[slot] for slot in regularizer_slots(spec)]
+
+
+def _hyperparameters(job: ModelGradientJob | TrainStepJob | ExpressionStepJob) -> np.ndarray:
+    """The job's run-time hyper-parameters (a float64 vector), refused unless all finite numbers."""
+    try:
+        values = job.hyperparameters()
+    except (TypeError, ValueError):
+        raise InvalidRequest("hyper-parameters (optimizer, clip, regularizers) must be numbers") from None
+    if not np.all(np.isfinite(values)):
+        raise InvalidRequest("hyper-parameters (optimizer, clip, regularizers) must be finite numbers")
+    return values
+
+
+def _hyper_spec(job: ModelGradientJob | TrainStepJob | ExpressionStepJob) -> tf.TensorSpec:
+    return tf.TensorSpec([len(job.hyperparameters())], tf.float64)
 
 
 def _load_weights(program: _Program, weights: list[np.ndarray] | None, dtype: str) -> None:
@@ -281,13 +307,14 @@ def _losses(model: Any, dtype: Any) -> Any:
 
 
 def _model_gradient(job: ModelGradientJob, limits: Limits) -> ModelGradientResult:
+    hyper = _hyperparameters(job)
     program, cache = _CACHE.get_or_build(job.signature(), lambda: _compile_gradient(job, limits))
     _load_weights(program, job.weights, job.dtype)
     dtype = np.dtype(job.dtype)
     x = np.asarray(job.x, dtype)
     y = np.zeros([1], dtype) if job.y is None else np.asarray(job.y, dtype)
     start = time.perf_counter()
-    args: list[Any] = [x, y]
+    args: list[Any] = [x, y, hyper]
     if job.tangents is not None:
         trainable = _trainable_mask(program.model)
         args += [np.asarray(t, dtype) for t, keep in zip(job.tangents, trainable, strict=True) if keep]
@@ -336,7 +363,7 @@ def _spread(
 
 
 def _compile_gradient(job: ModelGradientJob, limits: Limits) -> _Program:
-    model, fresh = _build_model(job.model, job.dtype, limits)
+    model, fresh, regularizers = _build_model(job.model, job.dtype, limits)
     tf_dtype = _TF_DTYPES[job.dtype]
     loss_fn = kb.make_loss(job.loss, job.dtype)
     per_example = kb.make_loss(job.loss, job.dtype, reduction=None)
@@ -344,8 +371,11 @@ def _compile_gradient(job: ModelGradientJob, limits: Limits) -> _Program:
     with_inputs = "inputs" in job.wrt or job.saliency
     hvp = job.tangents is not None
 
-    def main(x: Any, y: Any, *tangents: Any) -> dict[str, Any]:
-        with tf.GradientTape(persistent=True) as outer:
+    def main(x: Any, y: Any, hyper: Any, *tangents: Any) -> dict[str, Any]:
+        with (
+            kb.bind_hyperparameters(hyper, job.dtype, regularizers=regularizers),
+            tf.GradientTape(persistent=True) as outer,
+        ):
             with tf.GradientTape(persistent=True) as tape:
                 if with_inputs:
                     tape.watch(x)
@@ -381,7 +411,7 @@ def _compile_gradient(job: ModelGradientJob, limits: Limits) -> _Program:
 
     x_spec = _spec_of(job.x, tf_dtype)
     y_spec = _spec_of(job.y, tf_dtype)
-    specs = [x_spec, y_spec]
+    specs = [x_spec, y_spec, _hyper_spec(job)]
     if hvp:
         specs += [tf.TensorSpec(w.shape, tf_dtype) for w in trainable]
     fns = {"main": _trace(main, specs)}
@@ -472,7 +502,7 @@ def _objective_loss(
 
 
 def _compile_step(job: TrainStepJob, limits: Limits) -> _Program:
-    model, fresh = _build_model(job.model, job.dtype, limits)
+    model, fresh, regularizers = _build_model(job.model, job.dtype, limits)
     tf_dtype = _TF_DTYPES[job.dtype]
     trainable = list(model.trainable_weights)
     optimizer = kb.make_optimizer(job.optimizer)
@@ -488,18 +518,24 @@ def _compile_step(job: TrainStepJob, limits: Limits) -> _Program:
         if getattr(layer, "seed_generator", None) is not None and hasattr(layer, "rate")
     ]
 
-    def step(x: Any, y: Any, actions: Any, returns: Any, packed: Any) -> tuple[Any, list[Any], Any]:
+    clip = clip_kind(job.clip)
+    kind = job.optimizer["type"]
+
+    def step(
+        x: Any, y: Any, actions: Any, returns: Any, packed: Any, hyper: Any
+    ) -> tuple[Any, list[Any], Any]:
         # Automatic control dependencies order these by variable: load, then the step, then the reads.
         _assign_packed(carried, packed)
         # Dropout masks depend on (layer seed, iteration) only, so a step is the same however it is batched.
         for state, seed in seeded:
             state.assign(tf.stack([tf.constant(seed, state.dtype), tf.cast(iterations, state.dtype)]))
-        with tf.GradientTape() as tape:
-            data, reg = objective(x, y, actions, returns)
-            total = data + reg
-        grads = _dense(tape.gradient(total, trainable, unconnected_gradients=_ZERO))
-        clipped = kb.apply_clip(grads, job.clip)
-        optimizer.apply(clipped, trainable)
+        with kb.bind_hyperparameters(hyper, job.dtype, optimizer, kind, clip, regularizers) as threshold:
+            with tf.GradientTape() as tape:
+                data, reg = objective(x, y, actions, returns)
+                total = data + reg
+            grads = _dense(tape.gradient(total, trainable, unconnected_gradients=_ZERO))
+            clipped = kb.apply_clip(grads, clip, threshold)
+            optimizer.apply(clipped, trainable)
         norms = [tf.linalg.global_norm(grads), tf.linalg.global_norm(clipped)]
         record = tf.stack([tf.cast(q, tf_dtype) for q in [total, data, reg, *norms]])  # _RECORD order
         return record, grads, _read_packed(carried, tf_dtype)
@@ -507,7 +543,7 @@ def _compile_step(job: TrainStepJob, limits: Limits) -> _Program:
     # Actions and returns (reinforce only; empty otherwise) take any length: one trace serves every batch.
     vector = tf.TensorSpec([None], tf_dtype)
     specs = [_spec_of(job.x, tf_dtype), _spec_of(job.y, tf_dtype), vector, vector]
-    specs.append(_packed_spec(carried, tf_dtype))
+    specs += [_packed_spec(carried, tf_dtype), _hyper_spec(job)]
     return _Program(
         fns={"step": _trace(step, specs)},
         model=model,
@@ -538,10 +574,11 @@ def _empty(dtype: str, shape: tuple[int, ...]) -> Any:
 def _train_step(job: TrainStepJob, limits: Limits) -> TrainStepResult:
     if not 1 <= job.steps <= limits.max_steps:
         raise InvalidRequest(f"steps must be between 1 and {limits.max_steps}", field="steps")
+    hyper = _hyperparameters(job)
     program, cache = _CACHE.get_or_build(job.signature(), lambda: _compile_step(job, limits))
     dtype = np.dtype(job.dtype)
     weights = _checked(job.weights, program.fresh_weights, "weights", job.dtype, "this model has")
-    state = _checked_state(job.optimizer_state, program, job.dtype)
+    state = _checked_state(job.optimizer_state, program, job.dtype, job.optimizer)
     start = time.perf_counter()
     # Converted once, not on every step of a k-step call.
     tensors = [
@@ -551,12 +588,13 @@ def _train_step(job: TrainStepJob, limits: Limits) -> TrainStepResult:
         _empty(job.dtype, (0,)) if job.returns is None else tf.constant(np.asarray(job.returns, dtype)),
     ]
     packed: Any = _pack([*weights, *state], job.dtype)
+    hyper_tensor = tf.constant(hyper)
     step = program.fns["step"]
     records: list[Any] = []
     grads: list[Any] = []
     for _ in range(job.steps):
         # Each step's packed output feeds the next as a tensor; only the last becomes a numpy array.
-        record, grads, packed = step(*tensors, packed)
+        record, grads, packed = step(*tensors, packed, hyper_tensor)
         records.append(record)
     history = _records(records)
     arrays = _unpack(packed.numpy(), [*program.fresh_weights, *program.fresh_state])
@@ -592,9 +630,11 @@ def _compile_expression_step(job: ExpressionStepJob, limits: Limits) -> _Program
     fresh_state = kb.optimizer_state(optimizer, job.dtype)
 
     carried = [*variables, *kb.optimizer_state_variables(optimizer)]
+    clip = clip_kind(job.clip)
+    kind = job.optimizer["type"]
 
     def step(*inputs: Any) -> tuple[Any, Any]:
-        *constants, packed = inputs
+        *constants, packed, hyper = inputs
         _assign_packed(carried, packed)  # then the step, then the reads (automatic control dependencies)
         with tf.GradientTape() as tape:
             env = {name: v.value for name, v in zip(names, variables, strict=True)}
@@ -607,14 +647,15 @@ def _compile_expression_step(job: ExpressionStepJob, limits: Limits) -> _Program
                     field="expression",
                 )
         grads = _dense(tape.gradient(value, [v.value for v in variables], unconnected_gradients=_ZERO))
-        clipped = kb.apply_clip(grads, job.clip)
-        optimizer.apply(clipped, variables)
+        with kb.bind_hyperparameters(hyper, job.dtype, optimizer, kind, clip) as threshold:
+            clipped = kb.apply_clip(grads, clip, threshold)
+            optimizer.apply(clipped, variables)
         norms = [tf.linalg.global_norm(grads), tf.linalg.global_norm(clipped)]
         record = tf.stack([tf.cast(q, tf_dtype) for q in [value, value, tf.zeros([], tf_dtype), *norms]])
         return record, _read_packed(carried, tf_dtype)
 
     specs = [tf.TensorSpec(job.constants[name].shape, tf_dtype) for name in const_names]
-    specs.append(_packed_spec(carried, tf_dtype))
+    specs += [_packed_spec(carried, tf_dtype), _hyper_spec(job)]
     return _Program(
         fns={"step": _trace(step, specs)}, optimizer=optimizer, variables=variables, fresh_state=fresh_state
     )
@@ -623,17 +664,19 @@ def _compile_expression_step(job: ExpressionStepJob, limits: Limits) -> _Program
 def _expression_step(job: ExpressionStepJob, limits: Limits) -> ExpressionStepResult:
     if not 1 <= job.steps <= limits.max_steps:
         raise InvalidRequest(f"steps must be between 1 and {limits.max_steps}", field="steps")
+    hyper = _hyperparameters(job)
     program, cache = _CACHE.get_or_build(job.signature(), lambda: _compile_expression_step(job, limits))
     dtype = np.dtype(job.dtype)
-    state = _checked_state(job.optimizer_state, program, job.dtype)
+    state = _checked_state(job.optimizer_state, program, job.dtype, job.optimizer)
     constants = [tf.constant(np.asarray(job.constants[name], dtype)) for name in job.constants]
     variables = [np.asarray(job.variables[name], dtype) for name in job.variables]
     packed: Any = _pack([*variables, *state], job.dtype)
+    hyper_tensor = tf.constant(hyper)
     start = time.perf_counter()
     step = program.fns["step"]
     records: list[Any] = []
     for _ in range(job.steps):
-        record, packed = step(*constants, packed)
+        record, packed = step(*constants, packed, hyper_tensor)
         records.append(record)
     history = _records(records)
     arrays = _unpack(packed.numpy(), [*variables, *state])

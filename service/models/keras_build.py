@@ -7,8 +7,9 @@ Imported only in worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -18,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from service.errors import InvalidRequest
+from service.models.hyperparameters import OPTIMIZER_INITIAL, OPTIMIZER_RUNTIME, regularizer_kind
 from service.models.layout import (
     OPTIMIZER_DEFAULTS,
     init_seed,
@@ -25,8 +27,11 @@ from service.models.layout import (
 )
 
 __all__ = [
+    "RuntimeValue",
     "apply_clip",
+    "bind_hyperparameters",
     "build_model",
+    "fresh_optimizer_state",
     "initial_weights",
     "make_loss",
     "make_optimizer",
@@ -35,13 +40,17 @@ __all__ = [
 ]
 
 
+Regularizers = dict[tuple[int, str], keras.regularizers.Regularizer]  # (layer index, field) -> object
+
+
 def _regularizer(spec: Mapping[str, float] | None) -> keras.regularizers.Regularizer | None:
-    if not spec:
+    kind = regularizer_kind(spec)
+    if kind is None or spec is None:
         return None
     l1, l2 = float(spec.get("l1", 0.0)), float(spec.get("l2", 0.0))
-    if l1 and l2:
+    if kind == "l1l2":
         return keras.regularizers.L1L2(l1=l1, l2=l2)
-    if l1:
+    if kind == "l1":
         return keras.regularizers.L1(l1)
     return keras.regularizers.L2(l2)
 
@@ -67,12 +76,18 @@ def _initializer(name: str, seed: int) -> keras.initializers.Initializer:
     return cls(seed=seed)
 
 
-def _layer(layer: dict[str, Any], index: int, model_seed: int, dtype: str) -> keras.layers.Layer:
+def _layer(
+    layer: dict[str, Any], index: int, model_seed: int, dtype: str, regularizers: Regularizers
+) -> keras.layers.Layer:
     kind = layer["type"]
     common: dict[str, Any] = {"dtype": dtype, "name": f"layer_{index}"}
 
     def init(key: str, slot: int) -> keras.initializers.Initializer:
         return _initializer(layer[key], init_seed(model_seed, index, slot))
+
+    def penalty(key: str) -> keras.regularizers.Regularizer | None:
+        made = regularizers[(index, key)] = _regularizer(layer[key])
+        return made
 
     def dense_like() -> dict[str, Any]:
         return {
@@ -80,9 +95,9 @@ def _layer(layer: dict[str, Any], index: int, model_seed: int, dtype: str) -> ke
             "use_bias": layer["use_bias"],
             "kernel_initializer": init("kernel_initializer", 0),
             "bias_initializer": init("bias_initializer", 1),
-            "kernel_regularizer": _regularizer(layer["kernel_regularizer"]),
-            "bias_regularizer": _regularizer(layer["bias_regularizer"]),
-            "activity_regularizer": _regularizer(layer["activity_regularizer"]),
+            "kernel_regularizer": penalty("kernel_regularizer"),
+            "bias_regularizer": penalty("bias_regularizer"),
+            "activity_regularizer": penalty("activity_regularizer"),
             **common,
         }
 
@@ -121,13 +136,13 @@ def _layer(layer: dict[str, Any], index: int, model_seed: int, dtype: str) -> ke
             layer["input_dim"],
             layer["output_dim"],
             embeddings_initializer=init("embeddings_initializer", 0),
-            embeddings_regularizer=_regularizer(layer["embeddings_regularizer"]),
+            embeddings_regularizer=penalty("embeddings_regularizer"),
             **common,
         )
     cls = {"simple_rnn": keras.layers.SimpleRNN, "lstm": keras.layers.LSTM, "gru": keras.layers.GRU}[kind]
     args = dense_like()
     args["recurrent_initializer"] = init("recurrent_initializer", 2)
-    args["recurrent_regularizer"] = _regularizer(layer["recurrent_regularizer"])
+    args["recurrent_regularizer"] = penalty("recurrent_regularizer")
     return cls(
         layer["units"],
         return_sequences=layer["return_sequences"],
@@ -136,15 +151,20 @@ def _layer(layer: dict[str, Any], index: int, model_seed: int, dtype: str) -> ke
     )
 
 
-def build_model(spec: Mapping[str, Any], dtype: str) -> keras.Model:
-    """The Keras model of a spec (layers made in code from the fixed table), built and seeded."""
+def build_model(spec: Mapping[str, Any], dtype: str, regularizers: Regularizers | None = None) -> keras.Model:
+    """The Keras model of a spec (layers made in code from the fixed table), built and seeded.
+
+    ``regularizers`` (if given) receives every regularizer object by (layer index, spec field), for
+    ``bind_hyperparameters``; fields without a regularizer map to None.
+    """
     layers = [normalize_layer(raw, i) for i, raw in enumerate(spec["layers"])]
     integer = layers[0]["type"] == "embedding"
     inputs = keras.Input(tuple(spec["input_shape"]), dtype="int32" if integer else dtype)
     seed = int(spec.get("seed", 0))
+    made: Regularizers = {} if regularizers is None else regularizers
     out = inputs
     for i, layer in enumerate(layers):
-        out = _layer(layer, i, seed, dtype)(out)
+        out = _layer(layer, i, seed, dtype, made)(out)
     return keras.Model(inputs, out)
 
 
@@ -199,14 +219,214 @@ def optimizer_state(optimizer: keras.optimizers.Optimizer, dtype: str) -> list[n
     return [np.asarray(v.numpy(), dtype=dtype) for v in optimizer_state_variables(optimizer)]
 
 
-def apply_clip(grads: list[Any], clip: Mapping[str, float] | None) -> list[Any]:
-    """Gradient clipping as Keras' clipvalue / clipnorm (per tensor) / global_clipnorm."""
-    if not clip:
+def fresh_optimizer_state(template: list[np.ndarray], config: Mapping[str, Any]) -> list[np.ndarray]:
+    """A fresh optimizer's state for ``config``, from that of another config of the same structure.
+
+    Only Adagrad's differs: its accumulators start at ``initial_accumulator_value`` (the iteration
+    count comes first, then one accumulator per trainable weight). Keras fills them with
+    ``ops.cast(value, dtype)``, which makes the Python float float32 first, even for float64 weights.
+    """
+    if "initial_accumulator_value" not in OPTIMIZER_INITIAL.get(config["type"], ()):
+        return template
+    start = np.float32({**OPTIMIZER_DEFAULTS["adagrad"], **config}["initial_accumulator_value"])
+    return [template[0], *(np.full_like(a, start) for a in template[1:])]
+
+
+def apply_clip(grads: list[Any], clip: str | None, threshold: Any = None) -> list[Any]:
+    """Gradient clipping as Keras' clipvalue / clipnorm (per tensor) / global_clipnorm.
+
+    ``clip`` is the kind ("value", "norm", "global_norm" or None); ``threshold`` a tensor (a
+    run-time input of the step) or a number.
+    """
+    if clip is None:
         return grads
-    if "value" in clip:
-        c = clip["value"]
-        return [tf.clip_by_value(g, -c, c) for g in grads]
-    if "norm" in clip:
-        return [tf.clip_by_norm(g, clip["norm"]) for g in grads]
-    clipped, _ = tf.clip_by_global_norm(grads, clip["global_norm"])
+    if clip == "value":
+        return [tf.clip_by_value(g, -threshold, threshold) for g in grads]
+    if clip == "norm":
+        return [tf.clip_by_norm(g, threshold) for g in grads]
+    clipped, _ = tf.clip_by_global_norm(grads, threshold)
     return list(clipped)
+
+
+# --- hyper-parameters as run-time inputs (service/models/hyperparameters.py says which)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _refuse(value: Any, *args: Any) -> Any:
+    raise TypeError("a run-time hyper-parameter has no Python value while a step is traced")
+
+
+class RuntimeValue(float):
+    """A hyper-parameter read from the traced step's inputs, standing in for the Python float Keras keeps.
+
+    A float (the value the program was built with) whose every use in a traced graph is the
+    step's float64 input instead, with the conversions a Python float gets, so a step computes
+    exactly what Keras computes with the float itself:
+
+    * Keras' binary ops keep Python numbers as weakly typed scalars (``ops.add(v, self.epsilon)``):
+      ``dtype`` says ``float``, and the conversion to the other operand's dtype casts the input;
+    * converted without a dtype (``ops.cast(self.beta_1, dtype)`` is ``tf.cast``), a Python float
+      becomes float32 first; so does this, and Keras' float64 steps round as they always did;
+    * Python arithmetic with a Python number (``1 - self.beta_1``) is computed in float64, as
+      Python computes it, and stays a run-time value; with a tensor it is a tensor;
+    * Python tests (``if self.momentum != 0`` in SGD, ``if self.l1`` in L1L2, ``> 0``) see the
+      built value. They decide which slots and ops exist, so they are part of the program's cache
+      key (``optimizer_structure``, ``regularizer_kind``) and hold for every value it is fed.
+
+    ``float(x)`` is refused: code that wanted the number itself at trace time would bake one job's
+    value into the program, so it fails loudly instead.
+    """
+
+    dtype = float  # what Keras' result_type sees: a weakly typed Python float
+
+    _value: Any  # a float64 scalar tensor of the traced graph
+
+    def __new__(cls, value: Any, built: float) -> RuntimeValue:
+        made = super().__new__(cls, built)
+        made._value = value
+        return made
+
+    __float__ = _refuse
+
+    def __tf_tensor__(self, dtype: Any = None, name: str | None = None) -> Any:
+        return tf.cast(self._value, dtype or tf.float32, name=name)
+
+    def _tensor_like(self, other: Any) -> Any:
+        return self.__tf_tensor__(getattr(other, "dtype", None))
+
+    def _apply(self, other: Any, op: Any, reflected: bool) -> Any:
+        if isinstance(other, RuntimeValue):
+            theirs, their_built = other._value, other.real
+        elif _is_number(other):  # float64 arithmetic, as Python does it
+            theirs = their_built = float(other)
+        else:  # a tensor: the conversion it gives a Python float
+            mine = self._tensor_like(other)
+            return op(other, mine) if reflected else op(mine, other)
+        if reflected:
+            return RuntimeValue(op(theirs, self._value), op(their_built, self.real))
+        return RuntimeValue(op(self._value, theirs), op(self.real, their_built))
+
+    def __add__(self, other: Any) -> Any:
+        return self._apply(other, _add, False)
+
+    def __radd__(self, other: Any) -> Any:
+        return self._apply(other, _add, True)
+
+    def __sub__(self, other: Any) -> Any:
+        return self._apply(other, _sub, False)
+
+    def __rsub__(self, other: Any) -> Any:
+        return self._apply(other, _sub, True)
+
+    def __mul__(self, other: Any) -> Any:
+        return self._apply(other, _mul, False)
+
+    def __rmul__(self, other: Any) -> Any:
+        return self._apply(other, _mul, True)
+
+    def __truediv__(self, other: Any) -> Any:
+        return self._apply(other, _div, False)
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return self._apply(other, _div, True)
+
+    def __pow__(self, other: Any, modulo: Any = None) -> Any:
+        if modulo is not None:
+            return _refuse(self)
+        return self._apply(other, _pow, False)
+
+    def __rpow__(self, other: Any, modulo: Any = None) -> Any:
+        if modulo is not None:
+            return _refuse(self)
+        return self._apply(other, _pow, True)
+
+    def __neg__(self) -> RuntimeValue:
+        return RuntimeValue(-self._value, -self.real)
+
+    def __pos__(self) -> RuntimeValue:
+        return self
+
+    def __abs__(self) -> RuntimeValue:
+        return RuntimeValue(tf.abs(self._value), abs(self.real))
+
+    # The rest of float's operators would compute with the built value: refused, like float().
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = __divmod__ = __rdivmod__ = _refuse
+    __int__ = __trunc__ = __floor__ = __ceil__ = __round__ = _refuse
+
+
+def _add(a: Any, b: Any) -> Any:
+    return a + b
+
+
+def _sub(a: Any, b: Any) -> Any:
+    return a - b
+
+
+def _mul(a: Any, b: Any) -> Any:
+    return a * b
+
+
+def _div(a: Any, b: Any) -> Any:
+    return a / b
+
+
+def _pow(a: Any, b: Any) -> Any:
+    return a**b
+
+
+@contextlib.contextmanager
+def bind_hyperparameters(
+    values: Any,
+    dtype: str,
+    optimizer: keras.optimizers.Optimizer | None = None,
+    optimizer_type: str | None = None,
+    clip: str | None = None,
+    regularizers: Sequence[keras.regularizers.Regularizer] = (),
+) -> Iterator[Any]:
+    """While a step is traced: the optimizer's and regularizers' floats read from ``values``.
+
+    ``values`` is the step's float64 hyper-parameter input, laid out as a job's
+    ``hyperparameters()``: the optimizer's ``OPTIMIZER_RUNTIME`` floats, the clip threshold (if
+    ``clip``), then l1 and l2 of each of ``regularizers`` (the model's, in ``regularizer_slots``
+    order). The learning rate is assigned to the optimizer's float32 variable (so it rounds as
+    Keras rounds it); the others replace the Python attributes by ``RuntimeValue``s, restored on
+    exit. Yields the clip threshold (a tensor of ``dtype``, as a Python float converts) or None.
+    """
+    scalars = iter(tf.unstack(values))
+    saved: list[tuple[Any, str, Any]] = []
+
+    def swap(owner: Any, name: str, value: Any) -> None:
+        built = getattr(owner, name)
+        saved.append((owner, name, built))
+        # Keras' L1 keeps its strength as a float32 tensor, which ops.cast converts as it converts
+        # the RuntimeValue: through float32.
+        setattr(owner, name, RuntimeValue(value, float(built)))
+
+    try:
+        if optimizer is not None and optimizer_type is not None:
+            names = OPTIMIZER_RUNTIME[optimizer_type]
+            for name in names:
+                value = next(scalars)
+                if name == "learning_rate":
+                    optimizer.learning_rate.assign(tf.cast(value, optimizer.learning_rate.dtype))
+                else:
+                    swap(optimizer, name, value)
+        threshold = None if clip is None else tf.cast(next(scalars), dtype)
+        for penalty in regularizers:
+            l1, l2 = next(scalars), next(scalars)
+            if isinstance(penalty, keras.regularizers.L1L2):
+                swap(penalty, "l1", l1)
+                swap(penalty, "l2", l2)
+            elif isinstance(penalty, keras.regularizers.L1):
+                swap(penalty, "l1", l1)
+            elif isinstance(penalty, keras.regularizers.L2):
+                swap(penalty, "l2", l2)
+            else:
+                raise TypeError(f"no run-time strengths for the regularizer {penalty!r}")
+        yield threshold
+    finally:
+        for owner, name, built in reversed(saved):
+            setattr(owner, name, built)
