@@ -16,6 +16,8 @@ Every failure the service reports is one of these and becomes one application/pr
     │   └── EvaluationError             422 evaluation_error (valid program, values it cannot take)
     ├── LimitExceeded                   422 limit_exceeded (which limit, its value, what was asked)
     │   └── PayloadTooLarge             413 payload_too_large
+    ├── MemoryLimitExceeded             422 memory_limit (the job needed more than a worker's ceiling)
+    ├── Quarantined                     422 quarantined (this program crashed a worker; until when)
     ├── Timeout                         504 timeout
     ├── WorkerCrashed                   503 worker_crashed
     └── Overloaded                      503 overloaded (with Retry-After)
@@ -35,10 +37,12 @@ __all__ = [
     "InvalidRequest",
     "LimitExceeded",
     "MalformedJSON",
+    "MemoryLimitExceeded",
     "NotDifferentiable",
     "Overloaded",
     "ParseError",
     "PayloadTooLarge",
+    "Quarantined",
     "ShapeError",
     "SourceLocation",
     "TapeserveError",
@@ -205,6 +209,25 @@ class PayloadTooLarge(LimitExceeded):
     code = "payload_too_large"
     status = 413
     title = "Payload too large"
+
+
+class MemoryLimitExceeded(TapeserveError):
+    code = "memory_limit"
+    status = 422
+    title = "Memory limit exceeded"
+
+
+class Quarantined(TapeserveError):
+    """A program that crashed a worker, overran the kill budget or crossed the memory ceiling is
+    refused at once for a while, instead of taking down one worker per retry."""
+
+    code = "quarantined"
+    status = 422
+    title = "Program quarantined"
+
+    def __init__(self, detail: str, *, retry_after: float = 1.0, **extra: Any) -> None:
+        super().__init__(detail, retry_after=retry_after, **extra)
+        self.retry_after = retry_after  # seconds until the quarantine ends; the Retry-After header
 
 
 class Timeout(TapeserveError):

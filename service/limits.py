@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The shortest deadline a request may ask for (timeout_s): below it no answer but a 504 is possible
+# (the hop to a worker alone can take this long on a loaded machine), so it is refused as a 422.
+MIN_TIMEOUT_S = 0.1
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:

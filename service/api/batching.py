@@ -131,7 +131,9 @@ class Batcher:
 
     async def _send(self, key: str, items: list[_Item]) -> None:
         try:
-            remaining = max(0.001, min(item.deadline for item in items) - time.monotonic())
+            # The group runs under its latest deadline; each member still waits only until its own
+            # (run() bounds that wait), so one short deadline never fails the rest of the group.
+            remaining = max(0.001, max(item.deadline for item in items) - time.monotonic())
             if len(items) == 1:
                 await self._answer(items[0], key)
                 return

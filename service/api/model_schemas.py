@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.api.schemas import Tensor, UserFunction
+from service.limits import MIN_TIMEOUT_S
 
 __all__ = [
     "Clip",
@@ -338,7 +339,7 @@ class _ModelRequest(BaseModel):
     )
     dtype: Literal["float32", "float64"] = "float32"
     encoding: Literal["json", "base64"] = "json"
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S)
 
     @model_validator(mode="before")
     @classmethod
@@ -416,7 +417,7 @@ class ExpressionStepRequest(BaseModel):
     progress_every: int = Field(1, ge=1)
     dtype: Literal["float32", "float64"] = "float32"
     encoding: Literal["json", "base64"] = "json"
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S)
 
 
 class DescribeRequest(BaseModel):

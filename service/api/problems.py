@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from service.api.logging import current_request_id
-from service.errors import InvalidRequest, MalformedJSON, Overloaded, TapeserveError
+from service.errors import InvalidRequest, MalformedJSON, Overloaded, Quarantined, TapeserveError
 
 __all__ = [
     "PROBLEM_MEDIA_TYPE",
@@ -73,7 +73,7 @@ def problem_response(
     if request_id is not None:
         body["request_id"] = request_id
     out = dict(headers or {})
-    if isinstance(error, Overloaded):
+    if isinstance(error, Overloaded | Quarantined):
         retry_after = getattr(error, "retry_after", None) or body.pop("retry_after", None) or 1
         out["Retry-After"] = str(max(1, math.ceil(float(retry_after))))
     return ProblemResponse(body, status_code=error.status, headers=out)

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from service.limits import MIN_TIMEOUT_S
+
 __all__ = [
     "ConstantInfo",
     "Derivative",
@@ -137,8 +139,10 @@ class GradientRequest(BaseModel):
     encoding: Literal["json", "base64"] = Field("json", description="Tensor form in the response.")
     timeout_s: float | None = Field(
         None,
-        gt=0,
-        description="Deadline for this request in seconds (at most the server's request_timeout_s).",
+        ge=MIN_TIMEOUT_S,
+        description="How long this request waits for its answer, seconds (at least 0.1, at most the server's "
+        "request_timeout_s). Past it the answer is 504; the job itself may go on in its worker (up to "
+        "worker_kill_after_s) so that a retry finds its program compiled.",
     )
 
 

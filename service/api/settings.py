@@ -57,8 +57,14 @@ class Settings(BaseSettings):
     worker_max_jobs: int = Field(
         10_000, ge=1, description="Jobs after which a worker is replaced (its successor warms up first)."
     )
-    # None: no ceiling beyond the machine's; set it on shared hosts.
-    worker_memory_mb: int | None = Field(None, ge=256, description="Memory ceiling per worker, MiB.")
+    # Unset: derived from the cgroup's memory limit (else the machine's memory) and the worker count,
+    # so workers never push the host into its OOM killer; 0 switches the ceiling off.
+    worker_memory_mb: int | None = Field(
+        None,
+        ge=0,
+        description="Memory ceiling per worker, MiB, held during jobs (unset: derived from the memory "
+        "limit and the worker count; 0: off).",
+    )
     # None: memory growth on, so workers sharing a GPU take only what they use.
     gpu_memory_mb: int | None = Field(None, ge=64, description="GPU memory limit per worker, MiB.")
     # Small numeric kernels gain nothing from more threads; one keeps workers from fighting for cores.
@@ -70,6 +76,23 @@ class Settings(BaseSettings):
         True,
         description="Run small programs seen before as numpy plans of their traced graphs, checked against "
         "TensorFlow (false: TensorFlow runs every call).",
+    )
+    # Unset: request_timeout_s. A client's timeout_s only bounds its own wait; the job keeps its
+    # worker (so a cold compile is cached for the retry) until it ends or runs this long.
+    worker_kill_after_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="How long one job may run before its worker is killed, seconds (unset: "
+        "request_timeout_s).",
+    )
+    # Long enough to stop a retry loop of a poison request, short enough to forgive a fluke.
+    quarantine_s: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="How long a program that crashed a worker, overran its run time or crossed the memory "
+        "ceiling is refused, seconds (0: never).",
     )
     # Matches the default request deadline, so an in-flight request can always finish.
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="Time to finish in-flight work on stop.")
@@ -171,6 +194,13 @@ class Settings(BaseSettings):
         _DEFAULT_LIMITS.max_steps, ge=1, description="Most optimizer steps in one train-step or step request."
     )
 
+    @field_validator("worker_memory_mb")
+    @classmethod
+    def _ceiling_or_off(cls, value: int | None) -> int | None:
+        if value is not None and 0 < value < 256:
+            raise ValueError("worker_memory_mb must be 0 (off) or at least 256 (a warm worker takes ~500)")
+        return value
+
     @field_validator("devices")
     @classmethod
     def _devices_listed(cls, value: str | None) -> str | None:
@@ -234,7 +264,7 @@ class Settings(BaseSettings):
 
     def pool_config(self) -> PoolConfig:
         """The worker pool's configuration, with one device resolved per worker."""
-        from service.workers import PoolConfig, resolve_devices, visible_gpus
+        from service.workers import PoolConfig, resolve_devices, visible_gpus, worker_memory_ceiling
 
         devices = resolve_devices(self.workers, self.devices, visible_gpus(), os.cpu_count() or 1)
         return PoolConfig(
@@ -242,7 +272,9 @@ class Settings(BaseSettings):
             queue_size=self.queue_size,
             default_timeout_s=self.request_timeout_s,
             max_jobs_per_worker=self.worker_max_jobs,
-            memory_limit_mb=self.worker_memory_mb,
+            memory_limit_mb=worker_memory_ceiling(self.worker_memory_mb, len(devices)),
+            kill_after_s=self.worker_kill_after_s,
+            quarantine_s=self.quarantine_s,
             gpu_memory_limit_mb=self.gpu_memory_mb,
             intra_op_threads=self.intra_op_threads,
             inter_op_threads=self.inter_op_threads,

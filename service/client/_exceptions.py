@@ -19,6 +19,8 @@ Every failure a client call can end in is one of these::
         │   └── EvaluationError       422 evaluation_error
         ├── LimitExceeded             422 limit_exceeded (.limit, .allowed, .requested)
         │   └── PayloadTooLarge       413 payload_too_large
+        ├── MemoryLimitExceeded       422 memory_limit (the job needed more than a worker may use)
+        ├── Quarantined               422 quarantined (.retry_after; not retried)
         ├── Unauthorized              401 (a missing or wrong API key)
         ├── Forbidden                 403
         ├── NotFound                  404 not_found
@@ -52,7 +54,9 @@ __all__ = [
     "MethodNotAllowed",
     "NotDifferentiable",
     "NotFound",
+    "MemoryLimitExceeded",
     "Overloaded",
+    "Quarantined",
     "ParseError",
     "PayloadTooLarge",
     "RateLimited",
@@ -254,6 +258,14 @@ class WorkerCrashed(APIError):
 
 class Overloaded(_RetryAfterError):
     code = "overloaded"
+
+
+class MemoryLimitExceeded(APIError):
+    code = "memory_limit"
+
+
+class Quarantined(_RetryAfterError):
+    code = "quarantined"
 
 
 def _opt_str(value: Any) -> str | None:

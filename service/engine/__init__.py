@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult, Job, Result, StackedGradientJob
+from service.errors import MemoryLimitExceeded
 
 if TYPE_CHECKING:
     from service.limits import Limits
@@ -29,15 +30,25 @@ def execute(job: Job | StackedGradientJob, limits: Limits | None = None) -> Resu
 
     A StackedGradientJob (dynamic batching) gives one GradientResult per stacked job.
     """
-    # TensorFlow is imported here, in the worker only.
-    if isinstance(job, GradientJob | StackedGradientJob):
-        from service.engine.runner import run
+    try:
+        # TensorFlow is imported here, in the worker only.
+        if isinstance(job, GradientJob | StackedGradientJob):
+            from service.engine.runner import run
 
-        result: Result | list[GradientResult] = run(job, limits)
-        return result
-    from service.engine.training import run_training_job
+            result: Result | list[GradientResult] = run(job, limits)
+            return result
+        from service.engine.training import run_training_job
 
-    return run_training_job(job, limits)
+        return run_training_job(job, limits)
+    except Exception as exc:
+        # TF's allocator fails a tensor as ResourceExhaustedError (CPU past the worker's memory
+        # ceiling, or a GPU's memory); numpy and Python raise MemoryError. Either is this job's size.
+        if isinstance(exc, MemoryError) or type(exc).__name__ == "ResourceExhaustedError":
+            raise MemoryLimitExceeded(
+                "the computation needed more memory than a worker may use; ask for less at once "
+                "(smaller inputs, fewer derivatives, or split the batch)"
+            ) from None
+        raise
 
 
 def after_reply() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.workers.config import PoolConfig, resolve_devices, visible_gpus
+from service.workers.config import PoolConfig, resolve_devices, visible_gpus, worker_memory_ceiling
 from service.workers.pool import WorkerPool
 
-__all__ = ["PoolConfig", "WorkerPool", "resolve_devices", "visible_gpus"]
+__all__ = ["PoolConfig", "WorkerPool", "resolve_devices", "visible_gpus", "worker_memory_ceiling"]

@@ -10,6 +10,7 @@ import ctypes
 import importlib
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
-from service.errors import TapeserveError
+from service.errors import MemoryLimitExceeded, TapeserveError
 from service.limits import Limits
 from service.workers import transport
 
@@ -49,6 +50,7 @@ class WorkerSettings:
     limits: Limits
     environment: dict[str, str]
     gpu_memory_limit_mb: int | None
+    memory_limit_mb: int | None = None  # the worker's memory ceiling, held during jobs (None: none)
 
 
 def child_environment(
@@ -130,6 +132,8 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
         log.exception("worker %d could not start", settings.worker_id)
         _send_quietly(conn, ("failed", f"{type(exc).__name__}: {exc}"))
         _exit(EXIT_STARTUP_FAILED)
+    if settings.memory_limit_mb is not None:
+        hold_memory_ceiling(settings.memory_limit_mb)
 
     transport.send(conn, transport.encode(("ready", os.getpid())))
     while True:
@@ -159,6 +163,12 @@ def _run_one(
         reply: tuple[Any, ...] = ("result", job_id, handler(job, settings.limits))
     except TapeserveError as exc:
         reply = ("error", job_id, exc.to_dict())
+    except MemoryError:
+        # An allocation failed at the memory ceiling (hold_memory_ceiling): this job's size, not a bug.
+        error = MemoryLimitExceeded(
+            f"the computation needed more memory than a worker may use ({settings.memory_limit_mb} MiB)"
+        )
+        reply = ("error", job_id, error.to_dict())
     except Exception:
         # A bug, not the user's fault: the traceback goes to the log, never to the client.
         log.exception("worker %d: handler raised", settings.worker_id)
@@ -169,6 +179,41 @@ def _run_one(
         log.exception("worker %d: result could not be serialized", settings.worker_id)
         problem = TapeserveError("internal error: result could not be serialized").to_dict()
         return transport.encode(("error", job_id, problem, read_rss_mb()))
+
+
+def hold_memory_ceiling(limit_mb: int) -> int | None:
+    """Make the kernel hold this process to ``limit_mb`` of resident memory while jobs run.
+
+    Set once the worker is warm (TensorFlow imported, warm-up done), as RLIMIT_DATA: the private
+    writable memory it has now, plus the room left under the ceiling (``limit_mb`` minus its resident
+    size now). An allocation past it fails at once, inside this process, before the machine feels
+    it: TensorFlow's allocator turns that into ResourceExhaustedError and Python into MemoryError,
+    which the engine answers as ``memory_limit``. RLIMIT_AS would not do: TensorFlow and CUDA reserve
+    far more address space than they use. Returns the limit set, in bytes (None where unsupported).
+    """
+    data = _status_kib("VmData")
+    rss = _status_kib("VmRSS")
+    if data is None or rss is None:
+        return None
+    # At least 64 MiB of room, so a worker that is already near its ceiling can still answer.
+    room = max(limit_mb * 1024 - rss, 64 * 1024)
+    limit = (data + room) * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    return limit
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _load(target: str) -> Callable[..., Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from service.limits import Limits
 
-__all__ = ["PoolConfig", "resolve_devices", "visible_gpus"]
+__all__ = ["PoolConfig", "resolve_devices", "visible_gpus", "worker_memory_ceiling"]
 
 CPU = "cpu"
 
@@ -23,6 +23,13 @@ _NVIDIA_SMI_TIMEOUT_S = 5.0
 # A CPU worker runs TF with intra-op threads of its own; two cores per worker leaves room for them
 # and for the API process, instead of oversubscribing the machine.
 _CORES_PER_CPU_WORKER = 2
+# Of the memory the service may use, what the workers share; the rest is the API process's, the
+# page cache's and a successor's start-up while a worker is recycled.
+_WORKER_SHARE = 0.75
+# The API process and its caches, kept out of the workers' share.
+_API_RESERVE_MB = 512
+# Where cgroup v2 (then v1) states this container's memory limit.
+_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 # A GPU id as CUDA_VISIBLE_DEVICES accepts it: an index, or a GPU-/MIG- UUID.
 _GPU_ID = re.compile(r"^(\d+|GPU-[0-9A-Za-z-]+|MIG-[0-9A-Za-z/-]+)$")
 
@@ -42,6 +49,12 @@ class PoolConfig:
     cache_size: int = 256  # compiled programs kept per worker (TAPESERVE_CACHE_SIZE in the child)
     numpy_plans: bool = True  # run small, hot programs as numpy plans (TAPESERVE_NUMPY_PLANS in the child)
     shutdown_grace_s: float = 30.0
+    # How long a job may run on a worker before the worker is killed (None: default_timeout_s). A
+    # request's own deadline only bounds how long its caller waits.
+    kill_after_s: float | None = None
+    # How long a program that crashed a worker, overran kill_after_s or crossed the memory ceiling
+    # is refused (0: never).
+    quarantine_s: float = 60.0
     limits: Limits = field(default_factory=Limits)
     handler: str = "service.engine:execute"  # "module:function", called in the child as handler(job, limits)
     # Called once in the child before it reports ready; skipped if its module does not exist.
@@ -57,6 +70,10 @@ class PoolConfig:
             raise ValueError("queue_size must be >= 0")
         if self.default_timeout_s <= 0 or self.shutdown_grace_s < 0:
             raise ValueError("default_timeout_s must be > 0 and shutdown_grace_s >= 0")
+        if self.kill_after_s is not None and self.kill_after_s <= 0:
+            raise ValueError("kill_after_s must be > 0")
+        if self.quarantine_s < 0:
+            raise ValueError("quarantine_s must be >= 0")
         if self.max_jobs_per_worker < 1:
             raise ValueError("max_jobs_per_worker must be >= 1")
         if self.memory_limit_mb is not None and self.memory_limit_mb < 1:
@@ -143,3 +160,39 @@ def visible_gpus() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return re.findall(r"^GPU (\d+):", out, flags=re.MULTILINE)
+
+
+def worker_memory_ceiling(setting: int | None, workers: int) -> int | None:
+    """Each worker's memory ceiling in MiB: the setting, None when it is 0 (off), or when unset a
+    share of the memory this service may use (its cgroup's limit, else the machine's) per worker."""
+    if setting is not None:
+        return setting or None
+    total = memory_available_mb()
+    if total is None:
+        return None
+    return max(256, int((total * _WORKER_SHARE - _API_RESERVE_MB) / max(workers, 1)))
+
+
+def memory_available_mb() -> int | None:
+    """The cgroup's memory limit where one is set, else the machine's memory (MiB); None if unknown."""
+    machine: int | None = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    machine = int(line.split()[1]) // 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    for path in _CGROUP_LIMITS:
+        try:
+            raw = path.read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            limit = int(raw) // 2**20
+            # v1 says "no limit" with a huge number; v2 with "max" (not digits).
+            if machine is None or limit < machine:
+                return limit
+        break
+    return machine

@@ -9,11 +9,18 @@ recently served the same affinity key (compile-cache signature) wins. A worker t
 ``max_jobs_per_worker`` is replaced without a gap: its successor starts while it serves on, and takes
 over once warm.
 
+Deadlines cost only their owner: a request whose deadline passes gets its Timeout at once, but the
+job it started keeps its worker until it finishes (so a cold compile lands in the worker's cache for
+the retry) or until it has run the pool's kill budget (``kill_after_s``, by default the server's
+request timeout); only then is the worker killed. A program whose job crashed a worker, overran the
+kill budget or crossed the memory ceiling is quarantined: refused at once for ``quarantine_s``.
+
 What ``run`` raises, besides the handler's own TapeserveError rebuilt in the parent::
 
-    Timeout        504  deadline passed (queue wait included); a running worker is SIGKILLed and respawned
+    Timeout        504  deadline passed (queue wait included); a running job goes on within the kill budget
     WorkerCrashed  503  the worker died under this job (segfault, abort, OOM kill) or shutdown cut it off
     Overloaded     503  queue full, or the pool is shutting down; ``retry_after`` seconds attached
+    Quarantined    422  this program (by its affinity key) recently crashed or overran a worker
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -33,7 +41,14 @@ from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from typing import Any, cast
 
-from service.errors import Overloaded, TapeserveError, Timeout, WorkerCrashed
+from service.errors import (
+    MemoryLimitExceeded,
+    Overloaded,
+    Quarantined,
+    TapeserveError,
+    Timeout,
+    WorkerCrashed,
+)
 from service.workers import transport
 from service.workers.child import WorkerSettings, child_environment, read_rss_mb, worker_main
 from service.workers.config import PoolConfig
@@ -58,6 +73,8 @@ _BACKOFF_BASE_S = 0.25
 _BACKOFF_MAX_S = 10.0
 # close() checks for drained work this often; a shutdown does not need finer timing.
 _DRAIN_POLL_S = 0.02
+# Quarantined programs remembered at once; the oldest is forgotten first (entries are small ints).
+_QUARANTINE_ENTRIES = 4096
 
 # Worker states, as status() reports them.
 STARTING, IDLE, BUSY, STOPPING, BACKOFF, STOPPED = (
@@ -68,8 +85,8 @@ STARTING, IDLE, BUSY, STOPPING, BACKOFF, STOPPED = (
     "backoff",
     "stopped",
 )
-# Request states.
-_QUEUED, _RUNNING, _DONE = "queued", "running", "done"
+# Request states. An abandoned request's caller has had its Timeout; its job still runs.
+_QUEUED, _RUNNING, _ABANDONED, _DONE = "queued", "running", "abandoned", "done"
 
 
 @dataclass(eq=False)
@@ -82,6 +99,7 @@ class _Request:
     state: str = _QUEUED
     worker: _Worker | None = None
     timer: asyncio.TimerHandle | None = None
+    kill_timer: asyncio.TimerHandle | None = None  # the kill budget, from the job's start on a worker
 
 
 @dataclass(eq=False)
@@ -223,6 +241,8 @@ class WorkerPool:
         self._closed = asyncio.Event()
         self._became_ready = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Affinity-key hashes of programs refused until a loop time, and why.
+        self._quarantine: OrderedDict[int, tuple[float, str]] = OrderedDict()
 
     # ---------------------------------------------------------------- public interface
 
@@ -276,6 +296,8 @@ class WorkerPool:
         if timeout <= 0:
             raise Timeout("the request left no time to compute", timeout_s=timeout)
         key = affinity if affinity is not None else _signature_of(job)
+        if key is not None:
+            self._check_quarantine(hash(key), loop.time())
         request_id = next(self._ids)
         # Pickled here, so an unpicklable job fails in the caller, not in a thread.
         frames = transport.encode(("job", request_id, job))
@@ -292,10 +314,12 @@ class WorkerPool:
         try:
             return await request.future
         except asyncio.CancelledError:
-            # The caller gave up. A queued job is dropped; a running one finishes (or meets its deadline).
+            # The caller gave up. A queued job is dropped; a running one finishes within its budget.
             if request.state == _QUEUED:
                 self._queue.remove(request)
                 self._done(request)
+            elif request.state == _RUNNING:
+                request.state = _ABANDONED
             raise
 
     async def close(self, grace_s: float | None = None) -> None:
@@ -384,7 +408,41 @@ class WorkerPool:
             "workers": workers,
             "queue_depth": len(self._queue),
             "in_flight": self._in_flight(),
+            "abandoned": sum(
+                1 for w in self._workers if w.current is not None and w.current.state == _ABANDONED
+            ),
+            "quarantined": len(self._quarantine),
         }
+
+    # ---------------------------------------------------------------- quarantine
+
+    def _check_quarantine(self, key: int, now: float) -> None:
+        entry = self._quarantine.get(key)
+        if entry is None:
+            return
+        until, why = entry
+        if now >= until:
+            del self._quarantine[key]
+            return
+        left = until - now
+        raise Quarantined(
+            f"this program {why}; it is refused for another {left:.0f} s "
+            "(the same request would likely do it again)",
+            retry_after=max(1, math.ceil(left)),
+            until=time.time() + left,
+        )
+
+    def _quarantine_request(self, request: _Request, why: str) -> None:
+        if request.affinity is None or self._config.quarantine_s <= 0:
+            return
+        until = self._running_loop().time() + self._config.quarantine_s
+        self._quarantine.pop(request.affinity, None)
+        self._quarantine[request.affinity] = (until, why)
+        while len(self._quarantine) > _QUARANTINE_ENTRIES:
+            self._quarantine.popitem(last=False)
+        log.warning(
+            "program of job %d quarantined for %g s: it %s", request.id, self._config.quarantine_s, why
+        )
 
     # ---------------------------------------------------------------- dispatch and deadlines
 
@@ -417,6 +475,8 @@ class WorkerPool:
                 worker.recent.popitem(last=False)
         self._write(incarnation, request.frames)
         request.frames = None  # sent, or the writer thread has them; the arrays are freed once sent
+        budget = self._config.kill_after_s or self._config.default_timeout_s
+        request.kill_timer = self._running_loop().call_later(budget, self._on_overrun, request)
 
     def _on_deadline(self, request: _Request) -> None:
         request.timer = None
@@ -427,31 +487,41 @@ class WorkerPool:
             self._queue.remove(request)
             self._done(request, error=error)
         elif request.state == _RUNNING:
-            worker = request.worker
-            assert worker is not None
-            # Python cannot interrupt a running TF op: the only way to get the worker back is to kill it.
-            log.warning(
-                "job %d passed its %g s deadline on worker %d; killing it",
-                request.id,
-                request.timeout_s,
-                worker.id,
+            # The caller is answered now; the job keeps its worker (a cold compile then lands in the
+            # cache for the retry) until it ends or overruns the kill budget.
+            request.state = _ABANDONED
+            budget = self._config.kill_after_s or self._config.default_timeout_s
+            error.extra["continues"] = True
+            error.detail += (
+                f"; it goes on in its worker for up to {budget:g} s, so a retry may find it cached"
             )
-            worker.current = None
-            self._done(request, error=error)
-            self._kill(worker, "timeout")
+            _settle(request.future, error=error)
+
+    def _on_overrun(self, request: _Request) -> None:
+        """The job has run the kill budget: Python cannot interrupt a TF op, so its worker is killed."""
+        request.kill_timer = None
+        worker = request.worker
+        if worker is None or worker.current is not request:
+            return
+        budget = self._config.kill_after_s or self._config.default_timeout_s
+        log.warning(
+            "job %d ran past the %g s kill budget on worker %d; killing it", request.id, budget, worker.id
+        )
+        worker.current = None
+        self._quarantine_request(request, f"ran past the {budget:g} s a job may run")
+        self._done(
+            request, error=Timeout(f"the computation did not finish within {budget:g} s", timeout_s=budget)
+        )
+        self._kill(worker, "timeout")
 
     def _done(self, request: _Request, *, result: Any = None, error: BaseException | None = None) -> None:
         request.state = _DONE
         request.frames = None
-        if request.timer is not None:
-            request.timer.cancel()
-            request.timer = None
-        if request.future.done():  # the caller was cancelled
-            return
-        if error is not None:
-            request.future.set_exception(error)
-        else:
-            request.future.set_result(result)
+        for timer in (request.timer, request.kill_timer):
+            if timer is not None:
+                timer.cancel()
+        request.timer = request.kill_timer = None
+        _settle(request.future, result=result, error=error)
 
     def _in_flight(self) -> int:
         return sum(1 for w in self._workers if w.current is not None)
@@ -494,6 +564,7 @@ class WorkerPool:
                 gpu_memory_limit_mb=config.gpu_memory_limit_mb,
             ),
             gpu_memory_limit_mb=config.gpu_memory_limit_mb,
+            memory_limit_mb=config.memory_limit_mb,
         )
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
@@ -603,14 +674,16 @@ class WorkerPool:
             worker.current = None
             worker.jobs += 1
             incarnation.jobs += 1
-            if kind == "result":
-                self._done(request, result=payload)
-            else:
-                self._done(request, error=TapeserveError.from_dict(payload))
+            error = None if kind == "result" else TapeserveError.from_dict(payload)
+            self._done(request, result=payload if error is None else None, error=error)
             if worker.state == BUSY:
                 worker.state = IDLE
                 limit = self._config.memory_limit_mb
-                if limit is not None and rss_mb is not None and rss_mb > limit:
+                if isinstance(error, MemoryLimitExceeded):
+                    # Its allocations failed at the ceiling: a fresh process gives the memory back.
+                    self._quarantine_request(request, "needed more memory than a worker may use")
+                    self._retire(worker, "memory")
+                elif limit is not None and rss_mb is not None and rss_mb > limit:
                     # Stop first, then start: a second process now would only add to the memory.
                     log.info("worker %d uses %.0f MB > %d MB; recycling it", worker.id, rss_mb, limit)
                     self._retire(worker, "memory")
@@ -658,6 +731,8 @@ class WorkerPool:
         worker.current = None
         if request is not None:
             how = f"signal {signal_name}" if signal_name else f"exit code {exitcode}"
+            if cause == "crash":
+                self._quarantine_request(request, f"crashed a worker ({how})")
             self._done(request, error=WorkerCrashed(f"the worker died while running this job ({how})"))
         if cause == "crash":
             log.warning("worker %d (pid %s) died: %s", worker.id, incarnation.process.pid, worker.last_exit)
@@ -735,6 +810,15 @@ class WorkerPool:
         if self._loop is None:
             raise RuntimeError("start() the pool first")
         return self._loop
+
+
+def _settle(future: asyncio.Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():  # the caller was cancelled, or already had its Timeout
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _overloaded(detail: str) -> Overloaded:
