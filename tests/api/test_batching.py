@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 from service.api.batching import Batcher
 from service.engine.jobs import GradientJob, GradientResult, StackedGradientJob
@@ -24,6 +25,7 @@ class RecordingPool:
     def __init__(self, idle: int = 0) -> None:
         self.idle = idle
         self.jobs: list[Any] = []
+        self.timeouts: list[float | None] = []
         self.fail_stacked: BaseException | None = None
         self.release = asyncio.Event()
         self.release.set()
@@ -34,6 +36,7 @@ class RecordingPool:
 
     async def run(self, job: Any, *, timeout_s: float | None = None, affinity: str | None = None) -> Any:
         self.jobs.append(job)
+        self.timeouts.append(timeout_s)
         await self.release.wait()
         if isinstance(job, StackedGradientJob):
             if self.fail_stacked is not None:
@@ -59,6 +62,7 @@ async def warm(batcher: Batcher, pool: RecordingPool) -> None:
         await batcher.run(job(0.0), timeout_s=5, affinity="k")
     pool.idle = idle
     pool.jobs.clear()
+    pool.timeouts.clear()
 
 
 async def gather(batcher: Batcher, values: list[float]) -> list[Any]:
@@ -104,6 +108,29 @@ def test_requests_meeting_a_busy_pool_go_as_one_stacked_call_and_split_back_in_o
         (stacked,) = pool.jobs
         assert isinstance(stacked, StackedGradientJob) and len(stacked.jobs) == 5
         assert batcher.stacked_calls == 1 and batcher.stacked_requests == 5
+
+    asyncio.run(scenario())
+
+
+def test_each_member_of_a_group_keeps_its_own_deadline() -> None:
+    async def scenario() -> None:
+        pool = RecordingPool(idle=0)
+        batcher = Batcher(pool, WINDOW_S, 3)  # the third request fills the group: it goes at once
+        await warm(batcher, pool)
+        pool.release.clear()  # the stacked call is slow: it outlives the short deadline
+        short = asyncio.ensure_future(batcher.run(job(1.0), timeout_s=0.2, affinity="k"))
+        long = [asyncio.ensure_future(batcher.run(job(v), timeout_s=30, affinity="k")) for v in (2.0, 3.0)]
+        with pytest.raises(Timeout):
+            await asyncio.wait_for(short, PATIENCE_S)
+        assert not any(task.done() for task in long)  # the others still wait, on their own deadlines
+        pool.release.set()
+        results = await asyncio.wait_for(asyncio.gather(*long), PATIENCE_S)
+        assert [float(r.value) for r in results] == [4.0, 6.0]
+        (stacked,) = pool.jobs
+        assert isinstance(stacked, StackedGradientJob) and len(stacked.jobs) == 3
+        # The group ran under its latest deadline, not its earliest.
+        (budget,) = pool.timeouts
+        assert budget is not None and budget > 20
 
     asyncio.run(scenario())
 

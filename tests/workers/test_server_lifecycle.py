@@ -160,6 +160,34 @@ def test_a_job_past_the_kill_budget_loses_its_worker_and_its_program_is_quaranti
     assert restarts(budget_server, "timeout") == 1 and restarts(budget_server, "crash") == 0
 
 
+def test_a_job_past_the_memory_ceiling_is_stopped_inside_its_worker(tmp_path: Path) -> None:
+    # A 1200 MiB ceiling, and element limits loose enough that only the ceiling stands in the way.
+    env = {"TAPESERVE_WORKER_MEMORY_MB": "1200", "TAPESERVE_MAX_TENSOR_ELEMENTS": "400000000"}
+    server = start_server(tmp_path, env)
+    try:
+        server.wait_ready()
+        body = {"expression": "sum(x[:, None] * x[None, :])", "variables": {"x": [0.5] * 17_000}}
+        # The outer product alone is 17,000**2 float64 = 2.3 GB: about twice the ceiling.
+        start = time.monotonic()
+        answer = httpx.post(f"{server.url}/v1/gradient", json={**body, "dtype": "float64"}, timeout=300)
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["code"] == "memory_limit"
+        assert time.monotonic() - start < 60  # stopped at the allocation, not after swapping or OOM
+        # The worker that hit it is replaced; the next request is answered as usual.
+        wait_for(lambda: restarts(server, "memory") == 1, "the worker to be replaced")
+        server.wait_ready()
+        assert gradient(server, "x**2").json()["gradient"]["x"] == pytest.approx(3.0)
+        assert restarts(server, "crash") == 0
+        status = httpx.get(f"{server.url}/readyz", timeout=30).json()
+        assert all(w["rss_mb"] is None or w["rss_mb"] < 1200 for w in status["pool"]["workers"])
+        # The same program again is quarantined rather than run into the ceiling once more.
+        again = httpx.post(f"{server.url}/v1/gradient", json={**body, "dtype": "float64"}, timeout=300)
+        assert again.status_code == 422 and again.json()["code"] == "quarantined"
+        assert "more memory" in again.json()["detail"]
+    finally:
+        stop_server(server)
+
+
 def test_sigterm_finishes_in_flight_work_then_stops_every_worker(tmp_path: Path) -> None:
     server = start_server(tmp_path)
     try:

@@ -105,6 +105,7 @@ def test_child_environment_pins_the_device_before_tensorflow() -> None:
         "TF_NUM_INTRAOP_THREADS": "2",
         "TF_NUM_INTEROP_THREADS": "1",
         "OMP_NUM_THREADS": "2",
+        "TF_ENABLE_ONEDNN_OPTS": "0",  # so that an allocation past the memory ceiling fails at once
     }
     gpu = child_environment(
         "1", intra_op_threads=1, inter_op_threads=1, cache_size=9, gpu_memory_limit_mb=None
