@@ -77,13 +77,14 @@ class Settings(BaseSettings):
         description="Run small programs seen before as numpy plans of their traced graphs, checked against "
         "TensorFlow (false: TensorFlow runs every call).",
     )
-    # Unset: request_timeout_s. A client's timeout_s only bounds its own wait; the job keeps its
-    # worker (so a cold compile is cached for the retry) until it ends or runs this long.
+    # Unset: twice request_timeout_s. A client's timeout_s only bounds its own wait; the job keeps its
+    # worker (so a cold compile that outlives its request is cached for the retry) until it ends or
+    # runs this long.
     worker_kill_after_s: float | None = Field(
         None,
         gt=0,
         le=3600,
-        description="How long one job may run before its worker is killed, seconds (unset: "
+        description="How long one job may run before its worker is killed, seconds (unset: twice "
         "request_timeout_s).",
     )
     # Long enough to stop a retry loop of a poison request, short enough to forgive a fluke.

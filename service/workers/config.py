@@ -49,8 +49,9 @@ class PoolConfig:
     cache_size: int = 256  # compiled programs kept per worker (TAPESERVE_CACHE_SIZE in the child)
     numpy_plans: bool = True  # run small, hot programs as numpy plans (TAPESERVE_NUMPY_PLANS in the child)
     shutdown_grace_s: float = 30.0
-    # How long a job may run on a worker before the worker is killed (None: default_timeout_s). A
-    # request's own deadline only bounds how long its caller waits.
+    # How long a job may run on a worker before the worker is killed (None: twice default_timeout_s,
+    # so a cold compile that outlives the request that started it can finish into the cache for the
+    # retry). A request's own deadline only bounds how long its caller waits.
     kill_after_s: float | None = None
     # How long a program that crashed a worker, overran kill_after_s or crossed the memory ceiling
     # is refused (0: never).
@@ -59,6 +60,10 @@ class PoolConfig:
     handler: str = "service.engine:execute"  # "module:function", called in the child as handler(job, limits)
     # Called once in the child before it reports ready; skipped if its module does not exist.
     warmup: str | None = "service.engine.warmup:warmup"
+
+    @property
+    def kill_budget_s(self) -> float:
+        return self.kill_after_s if self.kill_after_s is not None else 2 * self.default_timeout_s
 
     def __post_init__(self) -> None:
         if not self.devices:

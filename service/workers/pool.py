@@ -11,7 +11,7 @@ over once warm.
 
 Deadlines cost only their owner: a request whose deadline passes gets its Timeout at once, but the
 job it started keeps its worker until it finishes (so a cold compile lands in the worker's cache for
-the retry) or until it has run the pool's kill budget (``kill_after_s``, by default the server's
+the retry) or until it has run the pool's kill budget (``kill_after_s``, by default twice the server's
 request timeout); only then is the worker killed. A program whose job crashed a worker, overran the
 kill budget or crossed the memory ceiling is quarantined: refused at once for ``quarantine_s``.
 
@@ -475,7 +475,7 @@ class WorkerPool:
                 worker.recent.popitem(last=False)
         self._write(incarnation, request.frames)
         request.frames = None  # sent, or the writer thread has them; the arrays are freed once sent
-        budget = self._config.kill_after_s or self._config.default_timeout_s
+        budget = self._config.kill_budget_s
         request.kill_timer = self._running_loop().call_later(budget, self._on_overrun, request)
 
     def _on_deadline(self, request: _Request) -> None:
@@ -490,7 +490,7 @@ class WorkerPool:
             # The caller is answered now; the job keeps its worker (a cold compile then lands in the
             # cache for the retry) until it ends or overruns the kill budget.
             request.state = _ABANDONED
-            budget = self._config.kill_after_s or self._config.default_timeout_s
+            budget = self._config.kill_budget_s
             error.extra["continues"] = True
             error.detail += (
                 f"; it goes on in its worker for up to {budget:g} s, so a retry may find it cached"
@@ -503,7 +503,7 @@ class WorkerPool:
         worker = request.worker
         if worker is None or worker.current is not request:
             return
-        budget = self._config.kill_after_s or self._config.default_timeout_s
+        budget = self._config.kill_budget_s
         log.warning(
             "job %d ran past the %g s kill budget on worker %d; killing it", request.id, budget, worker.id
         )

@@ -8,7 +8,15 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from service.errors import EvaluationError, Overloaded, TapeserveError, Timeout, WorkerCrashed
+from service.errors import (
+    EvaluationError,
+    MemoryLimitExceeded,
+    Overloaded,
+    Quarantined,
+    TapeserveError,
+    Timeout,
+    WorkerCrashed,
+)
 from tests.api.fakes import FakePool
 
 PROBLEM_KEYS = {"type", "title", "status", "detail", "code", "instance"}
@@ -353,3 +361,33 @@ def test_readyz_follows_the_pool(client: TestClient, fake_pool: FakePool) -> Non
     response = client.get("/readyz")
     assert response.status_code == 200
     assert response.json()["pool"]["workers"][0]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("path", ["/v1/gradient", "/v1/step", "/v1/model/gradient"])
+def test_a_deadline_below_the_floor_is_refused_before_any_work(
+    client: TestClient, fake_pool: FakePool, path: str
+) -> None:
+    body: dict[str, Any] = {"expression": "sum(x**2)", "variables": {"x": [1.0]}, "timeout_s": 0.001}
+    if path == "/v1/model/gradient":
+        body = {"model": {"input_shape": [1], "layers": [{"type": "dense", "units": 1}]}, "x": [[1.0]],
+                "y": [[1.0]], "timeout_s": 0.001}  # fmt: skip
+    problem = assert_problem(client.post(path, json=body), 422, "invalid_request")
+    assert "timeout_s" in problem["detail"] + str(problem.get("field")) and "0.1" in problem["detail"]
+    assert fake_pool.jobs == [] and fake_pool.calls == []
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "code"),
+    [
+        (Quarantined("this program crashed a worker", retry_after=42, until=1.0e9), 422, "quarantined"),
+        (MemoryLimitExceeded("the computation needed more memory than allowed"), 422, "memory_limit"),
+    ],
+)
+def test_isolation_problems_render_with_their_codes(
+    client: TestClient, fake_pool: FakePool, error: TapeserveError, status: int, code: str
+) -> None:
+    fake_pool.error = error
+    response = post(client, {"expression": "sum(x**2)", "variables": {"x": [1.0]}})
+    body = assert_problem(response, status, code)
+    if code == "quarantined":
+        assert response.headers["retry-after"] == "42" and body["until"] == 1.0e9

@@ -58,6 +58,22 @@ def test_pool_config_cpu_only() -> None:
     assert config.limits == Limits()
 
 
+def test_worker_isolation_defaults_are_on_and_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.workers import config as pool_config
+
+    monkeypatch.setattr(pool_config, "memory_available_mb", lambda: 8192)
+    config = Settings(workers=2, devices="cpu", request_timeout_s=12.5).pool_config()
+    # Three quarters of 8 GiB, less the API's 512 MiB, shared by two workers.
+    assert config.memory_limit_mb == int((8192 * 0.75 - 512) / 2)
+    assert config.kill_budget_s == 25.0 and config.quarantine_s == 60.0
+    off = Settings(workers=2, devices="cpu", worker_memory_mb=0, quarantine_s=0).pool_config()
+    assert off.memory_limit_mb is None and off.quarantine_s == 0
+    explicit = Settings(devices="cpu", worker_memory_mb=900, worker_kill_after_s=7).pool_config()
+    assert explicit.memory_limit_mb == 900 and explicit.kill_budget_s == 7
+    with pytest.raises(ValidationError, match="at least 256"):
+        Settings(worker_memory_mb=100)
+
+
 def test_pool_config_refuses_invisible_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ValueError, match="not visible"):
