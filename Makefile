@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory soak
+.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory bench-hostile soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,10 @@ bench-peers: $(VENV)/.installed-server /usr/bin/wrk bench/.peers/bin/python
 # 10,000 distinct expressions (about 10 minutes): worker RSS stays under its bound.
 bench-memory: $(VENV)/.installed-server /usr/bin/wrk
 	$(BIN)/python bench/run.py --memory-only --memory 10000
+
+# A hostile client (sub-floor deadlines, abandoned slow jobs, poison programs) next to an ordinary one.
+bench-hostile: $(VENV)/.installed-server
+	$(BIN)/python bench/hostile.py
 
 # 64 connections over a mixed workload for SOAK_MINUTES (default 2); fails on any unexpected answer.
 SOAK_MINUTES ?= 2

@@ -680,10 +680,11 @@ class WorkerPool:
                 worker.state = IDLE
                 limit = self._config.memory_limit_mb
                 if isinstance(error, MemoryLimitExceeded):
-                    # Its allocations failed at the ceiling: a fresh process gives the memory back.
+                    # Its allocation failed at the ceiling, so the worker never held that memory: it
+                    # serves on (a restart would cost every client seconds). The RSS check below still
+                    # replaces it if what the job did allocate stayed resident past the ceiling.
                     self._quarantine_request(request, "needed more memory than a worker may use")
-                    self._retire(worker, "memory")
-                elif limit is not None and rss_mb is not None and rss_mb > limit:
+                if limit is not None and rss_mb is not None and rss_mb > limit:
                     # Stop first, then start: a second process now would only add to the memory.
                     log.info("worker %d uses %.0f MB > %d MB; recycling it", worker.id, rss_mb, limit)
                     self._retire(worker, "memory")
