@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -49,6 +50,13 @@ NONFINITE: dict[str, float] = {"NaN": math.nan, "Infinity": math.inf, "-Infinity
 _B64_KEYS = frozenset({"dtype", "shape", "b64"})
 # More dimensions than any real tensor has; bounds the shape walk over hostile nested lists.
 _MAX_NDIM = 32
+# The largest product of non-zero dimensions a shape may claim (an empty tensor's other axes).
+_MAX_SPAN = 2**40
+
+
+def _shown_shape(shape: list[int]) -> str:
+    text = str(shape)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _too_many(field: str, count: int, limit: int) -> LimitExceeded:
@@ -123,7 +131,12 @@ def _decode_nested(
         inferred = np.array(value)
     except (ValueError, TypeError):
         inferred = None
-    if inferred is not None and inferred.dtype.kind in "iuf" and inferred.dtype != object:
+    if (
+        inferred is not None
+        and inferred.dtype.kind in "iuf"
+        and inferred.dtype != object
+        and not _holds_bool(value, inferred.ndim)
+    ):
         if max_elements is not None and inferred.size > max_elements:
             raise _too_many(field, inferred.size, max_elements)
         with np.errstate(over="ignore"):
@@ -140,6 +153,17 @@ def _decode_nested(
     if max_elements is not None and array.size > max_elements:
         raise _too_many(field, array.size, max_elements)
     return array
+
+
+def _holds_bool(value: list[Any], ndim: int) -> bool:
+    """Whether regular nested lists of ``ndim`` levels hold a boolean (numpy reads True as 1).
+
+    One pass over the leaves at C speed (``map(type, ...)``): booleans are not numbers here.
+    """
+    leaves: Any = value
+    for _ in range(ndim - 1):
+        leaves = itertools.chain.from_iterable(leaves)
+    return bool in set(map(type, leaves))
 
 
 def _clean(value: Any, field: str, depth: int) -> Any:
@@ -197,6 +221,17 @@ def _decode_b64(
     count = math.prod(shape)
     if max_elements is not None and count > max_elements:
         raise _too_many(field, count, max_elements)
+    # A zero-element shape may still claim dimensions no array can have ([0, 2**62, 2**62]):
+    # bound the product of the other dimensions too, before numpy's reshape sees them.
+    span = math.prod(d for d in shape if d)
+    if span > _MAX_SPAN:
+        raise LimitExceeded(
+            f"{field}.shape {_shown_shape(shape)} has dimensions too large for any tensor "
+            f"(the product of its non-zero dimensions may be at most 2**40)",
+            limit="max_dimension_product",
+            allowed=_MAX_SPAN,
+            field=f"{field}.shape",
+        )
     data = value["b64"]
     if not isinstance(data, str):
         raise InvalidRequest(f"{field}.b64 must be a base64 string", field=f"{field}.b64")
@@ -218,7 +253,12 @@ def _decode_b64(
             f"{field}.b64 holds {len(raw)} bytes but shape {shape} of {wire_dtype} needs {expected}",
             field=f"{field}.b64",
         )
-    array = np.frombuffer(raw, dtype=wire).reshape(shape)
+    try:
+        array = np.frombuffer(raw, dtype=wire).reshape(shape)
+    except ValueError as error:  # unreachable after the checks above; never a 500
+        raise InvalidRequest(
+            f"{field}.shape is not a valid shape ({error})", field=f"{field}.shape"
+        ) from None
     if array.dtype == target:
         return array.copy()  # writable
     with np.errstate(over="ignore"):

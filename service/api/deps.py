@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from service.api import wire
 from service.api.batching import Batcher
 from service.api.problems import UnsupportedMediaType, as_tapeserve_error
 from service.api.settings import Settings
@@ -59,10 +60,10 @@ class GradientPool(Protocol):
 
 
 class OrjsonResponse(JSONResponse):
-    """JSON written by orjson; numpy arrays (C-contiguous, finite) are serialized from their buffers."""
+    """JSON written by ``wire.dumps``: orjson with numpy buffers, non-finite numbers as strings."""
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        return wire.dumps(content)
 
 
 class JSONRequest(Request):

@@ -25,6 +25,7 @@ from starlette.datastructures import State
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api import wire
 from service.api.problems import as_tapeserve_error, problem_response
 
 __all__ = ["FastEndpoint", "FastPathMiddleware"]
@@ -93,7 +94,7 @@ class FastPathMiddleware:
         scope["route"] = self.routes.get(path)
         try:
             content = await endpoint.run(parsed, self.state, len(body))
-            payload = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+            payload = wire.dumps(content)
         except Exception as exc:  # every failure becomes a problem, as in TapeserveRoute
             response = problem_response(as_tapeserve_error(exc, path), path)
             await response(scope, receive, send)

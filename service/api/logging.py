@@ -21,8 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import wire
 
 __all__ = [
     "ACCESS_LOGGER",
@@ -153,7 +154,7 @@ class JSONFormatter(logging.Formatter):
                 entry[name] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return wire.dumps_safe(entry).decode()
 
 
 class _TextFormatter(logging.Formatter):

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
-import orjson
 from starlette.concurrency import run_in_threadpool
 
+from service.api import wire
 from service.api.model_schemas import (
     DescribeRequest,
     DescribeResponse,
@@ -524,4 +524,4 @@ async def stream_steps(
 
 
 def _line(obj: dict[str, Any]) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    return wire.dumps(obj) + b"\n"

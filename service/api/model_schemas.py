@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.api.schemas import Tensor, UserFunction
+from service.api.schemas import Tensor, UserFunction, WireFloat
 from service.limits import MIN_TIMEOUT_S
 
 __all__ = [
@@ -445,23 +445,23 @@ class DescribeResponse(BaseModel):
 
 
 class StepHistory(BaseModel):
-    loss: float
-    data_loss: float
-    regularization_loss: float
-    gradient_norm: float
-    clipped_gradient_norm: float
+    loss: WireFloat
+    data_loss: WireFloat
+    regularization_loss: WireFloat
+    gradient_norm: WireFloat
+    clipped_gradient_norm: WireFloat
 
 
 class ModelGradientResponse(BaseModel):
-    loss: float
-    data_loss: float
-    regularization_loss: float
+    loss: WireFloat
+    data_loss: WireFloat
+    regularization_loss: WireFloat
     weight_gradients: list[Tensor] | None = None
     input_gradients: Tensor | None = None
     saliency: Tensor | None = None
     hvp: list[Tensor] | None = None
     x_adv: Tensor | None = None
-    adversarial_loss: float | None = None
+    adversarial_loss: WireFloat | None = None
     weights: list[Tensor] | None = Field(None, description="The seeded initial weights, when none were sent.")
     meta: dict[str, Any]
 
@@ -469,11 +469,11 @@ class ModelGradientResponse(BaseModel):
 class TrainStepResponse(BaseModel):
     """The last step's loss and norms (before its update), the new weights and optimizer state."""
 
-    loss: float
-    data_loss: float
-    regularization_loss: float
-    gradient_norm: float
-    clipped_gradient_norm: float
+    loss: WireFloat
+    data_loss: WireFloat
+    regularization_loss: WireFloat
+    gradient_norm: WireFloat
+    clipped_gradient_norm: WireFloat
     weights: list[Tensor]
     optimizer_state: list[Tensor]
     gradients: list[Tensor] | None = None
@@ -485,9 +485,9 @@ class TrainStepResponse(BaseModel):
 class ExpressionStepResponse(BaseModel):
     """value = the expression before the last step; variables after it."""
 
-    value: float
-    gradient_norm: float
-    clipped_gradient_norm: float
+    value: WireFloat
+    gradient_norm: WireFloat
+    clipped_gradient_norm: WireFloat
     variables: dict[str, Tensor]
     optimizer_state: list[Tensor]
     history: list[StepHistory] | None = None

@@ -11,12 +11,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.api import wire
 from service.api.logging import current_request_id
 from service.errors import InvalidRequest, MalformedJSON, Overloaded, Quarantined, TapeserveError
 
@@ -60,7 +60,7 @@ class ProblemResponse(Response):
     media_type = PROBLEM_MEDIA_TYPE
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, default=str)
+        return wire.dumps_safe(content)  # cannot fail, whatever the details hold
 
 
 def problem_response(

@@ -27,6 +27,7 @@ __all__ = [
     "TENSOR_COMPONENTS",
     "Tensor",
     "UserFunction",
+    "WireFloat",
 ]
 
 _NONFINITE = {"type": "string", "enum": ["NaN", "Infinity", "-Infinity"]}
@@ -64,6 +65,18 @@ TENSOR_COMPONENTS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+# A scalar float of a response: a JSON number, or one of the strings for NaN and the infinities (the
+# tensors' rule; ``service.api.wire`` renders every response by it).
+WireFloat = Annotated[
+    float,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "number"}, _NONFINITE],
+            "description": 'A number; non-finite values are the strings "NaN", "Infinity", "-Infinity".',
+        }
+    ),
+]
 
 # allOf: a bare $ref next to a description makes pydantic look the name up in its own definitions.
 Tensor = Annotated[Any, WithJsonSchema({"allOf": [{"$ref": "#/components/schemas/Tensor"}]})]
