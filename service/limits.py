@@ -25,6 +25,9 @@ class Limits:
     max_tensor_elements: int = 10_000_000
     # Numeric literals: beyond float64's range a literal is a typo or an attack, not a value.
     max_literal_digits: int = 400
+    # Names of variables, constants, functions and parameters: longer than any name a person writes;
+    # messages quote names and caches keep them, so their length is bounded before either.
+    max_name_chars: int = 64
     # User-defined functions per request.
     max_functions: int = 64
     # Variables plus constants per request.

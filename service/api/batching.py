@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from service.boundedcache import BoundedCache
 from service.engine.jobs import GradientJob, GradientResult, StackedGradientJob
 from service.errors import Overloaded, TapeserveError, Timeout, WorkerCrashed
 
@@ -31,6 +32,7 @@ _MAX_ELEMENTS = 4096
 _HOT_AFTER = 3
 # Signatures remembered for hotness (a bounded LRU of counters).
 _TRACKED = 4096
+_TRACKED_BYTES = 4 * 2**20
 # A group waits at most this many windows for a worker to free up before it queues in the pool anyway.
 _MAX_WINDOWS = 25
 
@@ -65,7 +67,8 @@ class Batcher:
         self._window_s = window_s
         self._max_batch = max_batch
         self._groups: OrderedDict[str, _Group] = OrderedDict()
-        self._seen: OrderedDict[str, int] = OrderedDict()
+        # Signatures hold the program's texts: bounded by their total length as well as their count.
+        self._seen = BoundedCache[str, int](max_entries=_TRACKED, max_bytes=_TRACKED_BYTES)
         self._tasks: set[asyncio.Task[None]] = set()
         self.stacked_calls = 0
         self.stacked_requests = 0
@@ -98,10 +101,8 @@ class Batcher:
         return result
 
     def _count(self, key: str) -> bool:
-        count = self._seen.pop(key, 0) + 1
-        self._seen[key] = count
-        if len(self._seen) > _TRACKED:
-            self._seen.popitem(last=False)
+        count = (self._seen.get(key) or 0) + 1
+        self._seen.put(key, count, size=len(key))
         return count >= _HOT_AFTER
 
     def _on_window(self, key: str) -> None:

@@ -504,19 +504,36 @@ async def stream_steps(
     run: Callable[[StepJob], Awaitable[StepResult]],
     render: Callable[[list[StepResult]], dict[str, Any]],
 ) -> AsyncIterator[bytes]:
-    """NDJSON lines: progress after each chunk, then the result, or a final error line with the problem."""
+    """NDJSON lines: progress after each chunk, then the result, or a final error line with the problem.
+
+    Holds one chunk's tensors at a time: the last result (whose weights and state feed the next
+    chunk) and the small per-step history; earlier chunks' arrays are dropped as soon as the next
+    chunk's result arrives. ``run`` enforces the stream's deadline; a closed or cancelled stream
+    (the client went away) starts no further chunk.
+    """
     total = sum(sizes)
-    results = [first]
+    history = list(first.history)
+    cache, compute_ms = first.cache, first.compute_ms
+    last = first
+    del first
+    job = next_chunk(job, last, job.steps)  # drop the request's own arrays: ``last`` replaces them
     done = sizes[0]
-    yield _line(progress_line(done, total, first.history[-1]))
+    yield _line(progress_line(done, total, history[-1]))
     try:
         for size in sizes[1:]:
-            job = next_chunk(job, results[-1], size)
-            results.append(await run(job))
+            job = next_chunk(job, last, size)
+            result = await run(job)
+            job = next_chunk(job, result, size)  # forget the previous chunk's arrays now
+            last = result
+            del result
+            history.extend(last.history)
+            compute_ms += last.compute_ms
             done += size
-            yield _line(progress_line(done, total, results[-1].history[-1]))
-        result = await run_in_threadpool(render, results)
-        yield _line({"type": "result", **result})
+            yield _line(progress_line(done, total, history[-1]))
+        # One result standing for all chunks: the last arrays, every step's history, the summed time.
+        whole = dataclasses.replace(last, history=history, cache=cache, compute_ms=compute_ms)
+        rendered = await run_in_threadpool(render, [whole])
+        yield _line({"type": "result", **rendered})
     except TapeserveError as error:
         yield _line({"type": "error", "problem": error.to_dict()})
     except Exception as error:  # the status line is gone: the problem goes into the stream instead

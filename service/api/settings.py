@@ -174,6 +174,12 @@ class Settings(BaseSettings):
     max_literal_digits: int = Field(
         _DEFAULT_LIMITS.max_literal_digits, ge=1, le=10_000, description="Most digits in one numeric literal."
     )
+    max_name_chars: int = Field(
+        _DEFAULT_LIMITS.max_name_chars,
+        ge=1,
+        le=10_000,
+        description="Most characters in a variable, constant, function or parameter name.",
+    )
     max_functions: int = Field(
         _DEFAULT_LIMITS.max_functions, ge=0, le=10_000, description="Most user functions per request."
     )

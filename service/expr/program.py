@@ -8,13 +8,13 @@ inlining user functions, so the API rejects bad programs before any worker is in
 from __future__ import annotations
 
 import difflib
-import functools
 import keyword
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.boundedcache import BoundedCache
 from service.errors import InvalidArgument, InvalidRequest, LimitExceeded, SourceLocation, UnknownName
 from service.expr import nodes as n
 from service.expr.functions import (
@@ -84,6 +84,18 @@ class BoundCall:
 
     builtin: Builtin
     values: tuple[Any, ...]  # per param: Node, list[Node] (TENSORS/VARIADIC) or a Python value
+
+
+def _check_name_length(name: str, what: str, field: str, limits: Limits) -> None:
+    """Before anything else looks at a name (messages quote it, caches keep it): its length."""
+    if len(name) > limits.max_name_chars:
+        raise LimitExceeded(
+            f"{what} {name[:32]!r}... has {len(name)} characters; "
+            f"at most {limits.max_name_chars} are allowed",
+            limit="max_name_chars",
+            allowed=limits.max_name_chars,
+            field=field,
+        )
 
 
 def is_identifier(name: str) -> bool:
@@ -380,6 +392,7 @@ def build_program(
     for kind, names in (("variable", variables), ("constant", constants), ("function", list(functions))):
         field_name = {"variable": "variables", "constant": "constants", "function": "functions"}[kind]
         for name in names:
+            _check_name_length(name, f"{kind} name", f"{field_name}.{name[:32]}", limits)
             if not is_identifier(name):
                 raise InvalidRequest(
                     f"{kind} name {name!r} is not a valid identifier (letters, digits and _, "
@@ -414,6 +427,7 @@ def build_program(
             raise InvalidRequest(f"{where}.params must be a list of names", field=f"{where}.params")
         params = tuple(raw_params)
         for p in params:
+            _check_name_length(p, f"parameter name of {fname}()", f"{where}.params", limits)
             if not is_identifier(p) or p.startswith("__") or p in BUILTINS or p in CONSTANTS:
                 raise InvalidRequest(
                     f"parameter name {p!r} of {fname}() is not allowed (an identifier that is not a "
@@ -483,7 +497,8 @@ def _too_many_nodes(count: int, limits: Limits, where: str) -> LimitExceeded:
 
 
 # Repeated requests repeat their text; checking it again would cost ~1 ms of parsing each time.
-_CHECKED_PROGRAMS = 1024
+# Bounded by count and by the texts' total length: a request's texts may reach megabytes.
+_CHECKED_PROGRAMS = BoundedCache[tuple[Any, ...], bool](max_entries=1024, max_bytes=16 * 2**20)
 
 
 def check_program(
@@ -503,22 +518,13 @@ def check_program(
         )
         for name, spec in (functions or {}).items()
     )
+    key = (expression, tuple(variables), tuple(constants), frozen, limits or Limits())
     try:
-        _check_cached(expression, tuple(variables), tuple(constants), frozen, limits or Limits())
+        if _CHECKED_PROGRAMS.get(key):
+            return
     except TypeError:  # something unhashable in a malformed spec: check it uncached for its error
         build_program(expression, variables, constants, functions, limits)
-
-
-@functools.lru_cache(maxsize=_CHECKED_PROGRAMS)
-def _check_cached(
-    expression: str,
-    variables: tuple[str, ...],
-    constants: tuple[str, ...],
-    functions: tuple[tuple[str, tuple[str, ...], Any, tuple[tuple[str, Any], ...] | None], ...],
-    limits: Limits,
-) -> None:
-    specs = {
-        name: {"params": list(params), "body": body, "gradient": None if gradient is None else dict(gradient)}
-        for name, params, body, gradient in functions
-    }
-    build_program(expression, variables, constants, specs, limits)
+        return
+    build_program(expression, variables, constants, functions, limits)
+    # Only programs that passed are kept (an error is raised again each time, cheaply).
+    _CHECKED_PROGRAMS.put(key, True, size=len(repr(key[:4])))

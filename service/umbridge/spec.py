@@ -8,7 +8,6 @@ without TensorFlow: names, every piece of text (``build_program``), constants, s
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from service.boundedcache import BoundedCache
 from service.errors import InvalidRequest, TapeserveError
 from service.expr import build_program
 from service.limits import Limits
@@ -244,7 +244,8 @@ def load_models_file(path: Path, limits: Limits) -> dict[str, UMModel]:
 
 
 # Clients repeat the same config on every call; checking it again would cost ~1 ms of parsing each time.
-_CHECKED_CONFIGS = 256
+# Bounded by count and by the configs' total length: a config may reach the body limit (megabytes).
+_CHECKED_CONFIGS = BoundedCache[tuple[str, Limits], UMModel](max_entries=256, max_bytes=16 * 2**20)
 
 
 def model_from_config(config: Any, limits: Limits) -> UMModel:
@@ -257,13 +258,14 @@ def model_from_config(config: Any, limits: Limits) -> UMModel:
         )
     # Key order is kept: a function may call only those defined before it.
     key = json.dumps(config, allow_nan=False, separators=(",", ":"))
-    return _model_from_config_text(key, limits)
-
-
-@functools.lru_cache(maxsize=_CHECKED_CONFIGS)
-def _model_from_config_text(key: str, limits: Limits) -> UMModel:
+    cached = _CHECKED_CONFIGS.get((key, limits))
+    if cached is not None:
+        return cached
     try:
         definition = ModelDefinition.model_validate_json(key)
     except ValidationError as error:
         raise InvalidRequest(_validation_message(error, "config")) from None
-    return _check(definition, GENERIC_MODEL, limits, "config.", server_side=False)
+    model = _check(definition, GENERIC_MODEL, limits, "config.", server_side=False)
+    # A checked model holds its config's texts once more: twice the key's length bounds both.
+    _CHECKED_CONFIGS.put((key, limits), model, size=2 * len(key))
+    return model

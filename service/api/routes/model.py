@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.api.deps import (
     OFFLOAD_ELEMENTS,
@@ -45,7 +46,7 @@ from service.api.model_schemas import (
 from service.api.schemas import Problem
 from service.api.settings import Settings
 from service.engine.jobs import ModelGradientResult, TrainStepJob, TrainStepResult
-from service.errors import InvalidRequest, TapeserveError
+from service.errors import InvalidRequest, TapeserveError, Timeout
 
 __all__ = [
     "FAST_MODEL_GRADIENT",
@@ -117,16 +118,32 @@ async def run_steps(
     render: Any,
     encoding: Any,
 ) -> Response:
-    """All steps in one pool job, or (stream) chunks of ``every`` steps, each fed the previous state."""
+    """All steps in one pool job, or (stream) chunks of ``every`` steps, each fed the previous state.
+
+    ``timeout_s`` is the deadline of the whole request, a stream included: each chunk's pool job
+    gets only the time left, and a stream whose time is used up ends with a timeout error line.
+    """
     started = time.perf_counter()
+    deadline = started + timeout_s
     total = job.steps
+    streaming = stream and total > 1
 
     async def run(chunk: StepJob) -> StepResult:
-        result = await pool.run(chunk, timeout_s=timeout_s, affinity=chunk.signature())
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            raise Timeout(f"the steps did not finish within {timeout_s:g} s", timeout_s=timeout_s)
+        try:
+            budget = left if streaming else timeout_s  # one job: the pool's own deadline, as before
+            result = await pool.run(chunk, timeout_s=budget, affinity=chunk.signature())
+        except Timeout as error:
+            if streaming:  # the pool names this chunk's share of the time; the deadline is the stream's
+                error.detail = f"the steps did not finish within {timeout_s:g} s: {error.detail}"
+                error.extra["timeout_s"] = timeout_s
+            raise
         checked: StepResult = expect_result(result, result_type)
         return checked
 
-    if not stream or total == 1:
+    if not streaming:
         result = await run(job)
         body = await run_in_threadpool(
             render, [result], encoding, (time.perf_counter() - started) * 1000.0, total
@@ -141,9 +158,22 @@ async def run_steps(
         out: dict[str, Any] = render(results, encoding, (time.perf_counter() - started) * 1000.0, total)
         return out
 
-    return StreamingResponse(
-        stream_steps(first, first_job, sizes, run, render_all), media_type=NDJSON_MEDIA_TYPE
-    )
+    return _StepStream(stream_steps(first, first_job, sizes, run, render_all), media_type=NDJSON_MEDIA_TYPE)
+
+
+class _StepStream(StreamingResponse):
+    """A StreamingResponse that always watches for the client's disconnect while it streams.
+
+    Starlette listens for ``http.disconnect`` (and cancels the stream, so the pending chunk's
+    ``pool.run`` and every later chunk) only for ASGI spec versions below 2.4; from 2.4 on it would
+    notice only when the next line fails to send, after computing one more chunk. Steps are too
+    costly for that, so the stream is always cancelled as soon as the client goes away.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.3"}}
+        await super().__call__(scope, receive, send)
 
 
 def _resized(job: StepJob, steps: int) -> StepJob:

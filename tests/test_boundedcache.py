@@ -1,0 +1,53 @@
+"""The API process's caches are bounded by bytes as well as entries, and names by length."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.boundedcache import BoundedCache
+from service.errors import LimitExceeded
+from service.expr import program
+from service.expr.program import check_program
+from service.limits import Limits
+
+
+def test_least_recently_used_entries_go_first_by_count_and_by_bytes() -> None:
+    cache = BoundedCache[str, int](max_entries=3, max_bytes=100)
+    for key in "abc":
+        cache.put(key, ord(key), size=10)
+    assert cache.get("a") == ord("a")  # a is now the most recent
+    cache.put("d", 1, size=10)  # a fourth entry: b, the least recent, goes
+    assert "b" not in cache and {"a", "c", "d"} <= {k for k in "abcd" if k in cache}
+    cache.put("big", 2, size=80)  # 30 + 80 > 100 bytes: the oldest go until it fits
+    assert cache.bytes <= 100 and "big" in cache and len(cache) <= 3
+    cache.put("huge", 3, size=101)  # larger than the whole cache: never kept
+    assert "huge" not in cache and cache.bytes <= 100
+    cache.put("big", 4, size=5)  # replacing an entry replaces its size
+    assert cache.get("big") == 4 and cache.bytes == 5 + sum(10 for k in "acd" if k in cache)
+
+
+def test_the_program_check_cache_stays_within_its_bytes() -> None:
+    cache = program._CHECKED_PROGRAMS
+    cache.clear()
+    # 40 distinct programs of ~16,000 characters each: 640 KB of text, which a cache of 16 MiB and
+    # 1,024 entries would keep whole; a smaller byte bound shows it holds.
+    saved = cache.max_bytes
+    cache.max_bytes = 200_000
+    try:
+        for i in range(40):
+            check_program(" + ".join(["x"] * 4_000) + f" + {i}", ["x"], [], None, Limits())
+        assert 0 < cache.bytes <= 200_000 and len(cache) < 40
+    finally:
+        cache.max_bytes = saved
+        cache.clear()
+
+
+@pytest.mark.parametrize("length", [65, 4 * 2**20])
+def test_names_are_bounded_before_anything_quotes_or_keeps_them(length: int) -> None:
+    name = "x" * length
+    with pytest.raises(LimitExceeded) as caught:
+        check_program(f"sum({'x' * 3})", [name], [], None, Limits())
+    error = caught.value
+    assert error.extra["limit"] == "max_name_chars" and error.extra["allowed"] == 64
+    assert len(error.detail) < 200 and str(length) in error.detail
+    check_program("sum(" + "x" * 64 + ")", ["x" * 64], [], None, Limits())  # at the limit: fine
