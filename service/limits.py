@@ -15,6 +15,9 @@ class Limits:
     max_body_bytes: int = 16 * 1024 * 1024
     # Long enough for any hand-written model; short enough to parse in well under a millisecond.
     max_expression_chars: int = 20_000
+    # Every text of one request together (expression, function bodies, custom gradients): checked
+    # before any of them is parsed, so a program's check costs milliseconds, not seconds.
+    max_program_chars: int = 100_000
     # Nesting far beyond anything a person writes, far below the ~1,000 frames Python allows.
     max_nesting_depth: int = 100
     # Graph size after inlining user functions; bounds tracing time (~tens of ms per 1,000 ops).

@@ -174,6 +174,12 @@ class Settings(BaseSettings):
     max_literal_digits: int = Field(
         _DEFAULT_LIMITS.max_literal_digits, ge=1, le=10_000, description="Most digits in one numeric literal."
     )
+    max_program_chars: int = Field(
+        _DEFAULT_LIMITS.max_program_chars,
+        ge=1,
+        description="Most characters in all of a request's texts together (expression, function bodies, "
+        "custom gradients).",
+    )
     max_name_chars: int = Field(
         _DEFAULT_LIMITS.max_name_chars,
         ge=1,

@@ -358,6 +358,18 @@ def bind_builtin(builtin: Builtin, call: n.Call, text: str | None, source: str) 
     return BoundCall(builtin, tuple(values))
 
 
+def _total_chars(expression: str, functions: Mapping[str, Mapping[str, Any]]) -> int:
+    """The length of every text a program would parse (non-texts count 0: they are refused later)."""
+    total = len(expression)
+    for spec in functions.values():
+        body = spec.get("body") if isinstance(spec, Mapping) else None
+        total += len(body) if isinstance(body, str) else 0
+        gradient = spec.get("gradient") if isinstance(spec, Mapping) else None
+        if isinstance(gradient, Mapping):
+            total += sum(len(text) for text in gradient.values() if isinstance(text, str))
+    return total
+
+
 def _spec_text(spec: Mapping[str, Any], key: str, where: str) -> str:
     value = spec.get(key)
     if not isinstance(value, str):
@@ -415,6 +427,14 @@ def build_program(
                 )
             taken[name] = kind
 
+    total = _total_chars(expression, functions)
+    if total > limits.max_program_chars:
+        raise LimitExceeded(
+            f"the request's texts (expression, function bodies and gradients) have {total} characters "
+            f"together; at most {limits.max_program_chars} are allowed",
+            limit="max_program_chars",
+            allowed=limits.max_program_chars,
+        )
     sources: dict[str, str] = {"expression": expression}
     checker = _Checker(sources, limits)
     order = list(functions)
@@ -443,6 +463,8 @@ def build_program(
                  for name in order[index + 1 :]}  # fmt: skip
         later[fname] = f"{fname}() calls itself: recursion is not allowed"
         size = checker.check(body, f"{where}.body", frozenset(params), defs, sizes, later)
+        if size > limits.max_syntax_nodes:  # before any of its gradients is parsed
+            raise _too_many_nodes(size, limits, where)
         gradient: dict[str, n.Node] | None = None
         gradient_text: dict[str, str] | None = None
         raw_gradient = spec.get("gradient")
@@ -472,6 +494,8 @@ def build_program(
                 size += checker.check(
                     gradient[pname], gwhere, frozenset(params) | _RESERVED, defs, sizes, later
                 )
+                if size > limits.max_syntax_nodes:  # before the next gradient is parsed
+                    raise _too_many_nodes(size, limits, where)
         sizes[fname] = size
         if size > limits.max_syntax_nodes:
             raise _too_many_nodes(size, limits, where)

@@ -1,4 +1,4 @@
-"""The API process's caches are bounded by bytes as well as entries, and names by length."""
+"""Bounded work in the API process: caches bounded by bytes, names by length, a program's texts together."""
 
 from __future__ import annotations
 
@@ -51,3 +51,27 @@ def test_names_are_bounded_before_anything_quotes_or_keeps_them(length: int) -> 
     assert error.extra["limit"] == "max_name_chars" and error.extra["allowed"] == 64
     assert len(error.detail) < 200 and str(length) in error.detail
     check_program("sum(" + "x" * 64 + ")", ["x" * 64], [], None, Limits())  # at the limit: fine
+
+
+def test_a_program_s_texts_are_bounded_together_before_any_is_parsed() -> None:
+    # 19 functions of ~13,000 characters each (each under the per-text limit): refused as a whole,
+    # before parsing (the last one is not even valid).
+    body = " + ".join(["a"] * 3_250)
+    functions = {f"f{i}": {"params": ["a"], "body": body} for i in range(18)}
+    functions["g"] = {"params": ["a"], "body": body + " +* oops"}
+    with pytest.raises(LimitExceeded) as caught:
+        check_program("sum(x)", ["x"], [], functions, Limits())
+    assert caught.value.extra["limit"] == "max_program_chars"
+    # One function with 40 parameters and a 13,000-character gradient for each: the same.
+    params = [f"p{i}" for i in range(40)]
+    grads = {p: " + ".join([p] * 3_250) for p in params}
+    heavy = {"f": {"params": params, "body": "p0", "gradient": grads}}
+    with pytest.raises(LimitExceeded) as caught:
+        check_program("sum(x)", ["x"], [], heavy, Limits())
+    assert caught.value.extra["limit"] == "max_program_chars"
+    # Within the total, a function's node count is checked after its body and after each gradient.
+    small = Limits(max_syntax_nodes=500)
+    with pytest.raises(LimitExceeded) as caught:
+        check_program("sum(x)", ["x"], [], {"f": {"params": params, "body": "p0", "gradient": {
+            p: " + ".join([p] * 300) for p in params}}}, small)  # fmt: skip
+    assert caught.value.extra["limit"] == "max_syntax_nodes"
