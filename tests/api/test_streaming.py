@@ -42,6 +42,10 @@ class StepPool:
     def ready(self) -> bool:
         return True
 
+    @property
+    def idle_workers(self) -> int:
+        return 1
+
     async def start(self) -> None:
         return None
 
