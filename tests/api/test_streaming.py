@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -111,15 +110,15 @@ def stream_lines(client: TestClient, body: dict[str, Any]) -> list[dict[str, Any
 
 def test_the_deadline_covers_the_whole_stream_not_each_chunk(client: TestClient, pool: StepPool) -> None:
     pool.reset(delay_s=0.3)  # each chunk alone is well within the 1 s deadline
-    started = time.perf_counter()
     lines = stream_lines(client, train(50, timeout_s=1.0))
-    elapsed = time.perf_counter() - started
     assert [line["type"] for line in lines[:-1]] == ["progress"] * (len(lines) - 1)
-    assert 2 <= len(lines) - 1 <= 4  # chunks of 0.3 s in 1 s: three, and the fourth runs out of time
+    # Chunks of 0.3 s in 1 s: at most three complete (fewer on a loaded machine, whose scheduler adds
+    # to each chunk), and the stream stops there instead of running all 50 (15 s).
+    assert len(lines) - 1 <= 3
     problem = lines[-1]["problem"]
     assert lines[-1]["type"] == "error" and problem["code"] == "timeout" and problem["status"] == 504
     assert problem["timeout_s"] == 1.0 and "1 s" in problem["detail"]
-    assert elapsed < 2.0 and pool.calls <= 5
+    assert pool.calls <= 4
     # Each chunk was given only the time left, never the whole deadline again.
     given = [t for t in pool.timeouts if t is not None]
     assert given[0] <= 1.0 and all(b < a for a, b in zip(given, given[1:], strict=False))
