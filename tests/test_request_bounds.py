@@ -75,3 +75,32 @@ def test_a_program_s_texts_are_bounded_together_before_any_is_parsed() -> None:
         check_program("sum(x)", ["x"], [], {"f": {"params": params, "body": "p0", "gradient": {
             p: " + ".join([p] * 300) for p in params}}}, small)  # fmt: skip
     assert caught.value.extra["limit"] == "max_syntax_nodes"
+
+
+def test_a_gradient_is_parsed_only_as_far_as_its_function_s_remaining_node_budget() -> None:
+    # Body 201 nodes, the first gradient 199: 400 of 500. The second gradient may have 100 more; it
+    # stops at the 101st, before its invalid tail is read (a full tokenizer would raise ParseError).
+    limits = Limits(max_syntax_nodes=500)
+    spec = {
+        "params": ["a", "b"],
+        "body": " + ".join(["a"] * 200),
+        "gradient": {"a": " + ".join(["dy"] * 198), "b": " + ".join(["dy"] * 200) + " $ $"},
+    }
+    with pytest.raises(LimitExceeded) as caught:
+        check_program("f(x, x)", ["x"], [], {"f": spec}, limits)
+    problem = caught.value.to_dict()
+    assert problem["limit"] == "max_syntax_nodes" and problem["source"] == "functions.f.gradient.b"
+    assert "more than 100 syntax nodes" in problem["detail"] and problem["column"] < 500
+    # A shorter second gradient (the function then has 449 nodes, the expression 452) is accepted.
+    spec["gradient"]["b"] = " + ".join(["dy"] * 48)  # type: ignore[index]
+    check_program("f(x, x)", ["x"], [], {"f": spec}, limits)
+
+
+def test_a_program_s_node_count_is_the_size_of_its_tree_with_functions_inlined() -> None:
+    from service.expr import nodes as n
+    from service.expr.program import build_program
+
+    text = "sum(x[:, None] * x[None, :], axis=0, keepdims=True) + f(x)"
+    built = build_program(text, ["x"], [], {"f": {"params": ["a"], "body": "mean(a, axis=0) ** 2"}})
+    body = built.functions["f"].body
+    assert built.node_count == n.tree_size(built.expression) + n.tree_size(body)

@@ -161,7 +161,10 @@ class Settings(BaseSettings):
         _DEFAULT_LIMITS.max_syntax_nodes,
         ge=1,
         le=1_000_000,
-        description="Most syntax nodes in the expression with user functions inlined.",
+        description=(
+            "Most syntax nodes in the expression or a function, user functions inlined; counted "
+            "while parsing, which stops at the limit."
+        ),
     )
     max_input_elements: int = Field(
         _DEFAULT_LIMITS.max_input_elements, ge=1, description="Most elements in one input tensor."

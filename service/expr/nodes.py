@@ -186,3 +186,13 @@ def children(node: Node | Slice | Keyword) -> tuple[Node | Slice | Keyword, ...]
             return tuple(n for n in (lo, hi, st) if n is not None)
         case _:
             return ()
+
+
+def tree_size(node: Node | Slice | Keyword) -> int:
+    """How many syntax nodes a tree has (the parser counts the same nodes as it builds them)."""
+    count, stack = 0, [node]
+    while stack:
+        current = stack.pop()
+        count += 1
+        stack.extend(children(current))
+    return count

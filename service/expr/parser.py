@@ -3,6 +3,8 @@
 Only the grammar below is accepted; every other character, keyword or construct is a ParseError
 with line, column and a caret. No user text ever reaches eval/exec/compile or Python's own parser,
 and nesting is counted as it is parsed, so deep input is refused long before any stack is at risk.
+Tokens are read on demand and every syntax node is counted as it is built: a text with more nodes
+than its budget stops at the node that crosses it, before the rest is even tokenized.
 
     expr     := disj ['if' disj 'else' expr]
     disj     := conj ('or' conj)*            conj := neg ('and' neg)*
@@ -97,14 +99,18 @@ class _Token:
 
 
 class _Parser:
-    def __init__(self, text: str, source: str, limits: Limits) -> None:
+    def __init__(self, text: str, source: str, limits: Limits, budget: int) -> None:
         self.text = text
         self.source = source
         self.limits = limits
         self.line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
-        self.tokens = self._tokenize()
+        self.tokens: list[_Token] = []
+        self.scan_pos = 0  # where the tokenizer stopped
+        self.scan_depth = 0  # bracket depth of the tokens read so far
         self.pos = 0
         self.depth = 0
+        self.budget = budget
+        self.nodes = 0
 
     # -- positions and errors ---------------------------------------------------------------------
 
@@ -131,9 +137,16 @@ class _Parser:
 
     # -- tokens -----------------------------------------------------------------------------------
 
-    def _tokenize(self) -> list[_Token]:
-        tokens: list[_Token] = []
-        text, pos, depth = self.text, 0, 0
+    def token(self, index: int) -> _Token:
+        """The index-th token, reading the text only as far as that token."""
+        while len(self.tokens) <= index:
+            if self.tokens and self.tokens[-1].kind == "end":
+                return self.tokens[-1]
+            self.tokens.append(self._next_token())
+        return self.tokens[index]
+
+    def _next_token(self) -> _Token:
+        text, pos = self.text, self.scan_pos
         while pos < len(text):
             m = _TOKEN.match(text, pos)
             if m is None:
@@ -143,28 +156,46 @@ class _Parser:
                     hint = "strings are one line of plain characters, without backslashes"
                 message = f"unexpected character {ch!r}" + (f": {hint}" if hint else "")
                 raise ParseError(message, text=text, where=self._where(pos, pos + 1))
-            kind = m.lastgroup or "ws"
-            if kind != "ws":
-                tok = _Token(kind, m.group(), m.start(), m.end())
-                if kind == "number" and len(tok.text) > self.limits.max_literal_digits:
-                    raise LimitExceeded(
-                        f"numeric literal of {len(tok.text)} characters is longer than allowed",
-                        limit="max_literal_digits",
-                        allowed=self.limits.max_literal_digits,
-                        text=text,
-                        where=self._where(tok.start, tok.end),
-                    )
-                # Bracket depth is checked here, before the parser runs.
-                if tok.text in ("(", "["):
-                    depth += 1
-                    if depth > self.limits.max_nesting_depth:
-                        raise self._too_deep(tok)
-                elif tok.text in (")", "]"):
-                    depth = max(0, depth - 1)
-                tokens.append(tok)
             pos = m.end()
-        tokens.append(_Token("end", "", len(text), len(text)))
-        return tokens
+            kind = m.lastgroup or "ws"
+            if kind == "ws":
+                continue
+            self.scan_pos = pos
+            tok = _Token(kind, m.group(), m.start(), m.end())
+            if kind == "number" and len(tok.text) > self.limits.max_literal_digits:
+                raise LimitExceeded(
+                    f"numeric literal of {len(tok.text)} characters is longer than allowed",
+                    limit="max_literal_digits",
+                    allowed=self.limits.max_literal_digits,
+                    text=text,
+                    where=self._where(tok.start, tok.end),
+                )
+            # Bracket depth is checked as tokens are read, before the parser descends.
+            if tok.text in ("(", "["):
+                self.scan_depth += 1
+                if self.scan_depth > self.limits.max_nesting_depth:
+                    raise self._too_deep(tok)
+            elif tok.text in (")", "]"):
+                self.scan_depth = max(0, self.scan_depth - 1)
+            return tok
+        self.scan_pos = pos
+        return _Token("end", "", len(text), len(text))
+
+    def made(self, start: int, end: int) -> None:
+        """Count one syntax node (built from text[start:end]); stop parsing when the budget is spent."""
+        self.nodes += 1
+        if self.nodes > self.budget:
+            allowed = self.limits.max_syntax_nodes
+            share = "" if self.budget >= allowed else ", what its function's body and earlier gradients left"
+            raise LimitExceeded(
+                f"{self.source} has more than {self.budget} syntax nodes{share}: parsing stopped at the "
+                f"next one; at most {allowed} are allowed in an expression or a function (body and "
+                "gradients), with user functions inlined",
+                limit="max_syntax_nodes",
+                allowed=self.limits.max_syntax_nodes,
+                text=self.text,
+                where=self._where(start, end),
+            )
 
     def _too_deep(self, tok: _Token) -> LimitExceeded:
         return LimitExceeded(
@@ -176,16 +207,16 @@ class _Parser:
         )
 
     def peek(self) -> _Token:
-        return self.tokens[self.pos]
+        return self.token(self.pos)
 
     def advance(self) -> _Token:
-        tok = self.tokens[self.pos]
+        tok = self.token(self.pos)
         if tok.kind != "end":
             self.pos += 1
         return tok
 
     def at(self, *texts: str) -> bool:
-        tok = self.tokens[self.pos]
+        tok = self.token(self.pos)
         return tok.kind in ("op", "name") and tok.text in texts
 
     def expect(self, text: str, opener: _Token | None = None) -> _Token:
@@ -232,7 +263,7 @@ class _Parser:
         self.enter(first)
         node = self.binary(1)
         if self.at("if"):
-            self.advance()
+            self.made(self.advance().start, self.peek().end)
             test = self.binary(1)
             self.expect("else")
             orelse = self.expr()
@@ -243,6 +274,7 @@ class _Parser:
     def binary(self, min_level: int) -> Node:
         if self.at("not") and min_level <= _NOT_LEVEL:
             tok = self.advance()
+            self.made(tok.start, tok.end)
             self.enter(tok)
             operand = self.binary(_NOT_LEVEL)
             self.leave()
@@ -254,6 +286,7 @@ class _Parser:
             level = _LEVEL.get(tok.text, 0) if tok.kind in ("op", "name") else 0
             if level < min_level or level == 0:
                 return left
+            self.made(tok.start, tok.end)
             ops: list[str] = []
             operands: list[Node] = [left]
             while tok.kind in ("op", "name") and _LEVEL.get(tok.text, 0) == level:
@@ -271,6 +304,7 @@ class _Parser:
     def unary(self) -> Node:
         if self.at("-", "+"):
             tok = self.advance()
+            self.made(tok.start, tok.end)
             self.enter(tok)
             operand = self.unary()
             self.leave()
@@ -280,6 +314,7 @@ class _Parser:
         base = self.postfix()
         if self.at("**"):
             tok = self.advance()
+            self.made(tok.start, tok.end)
             self.enter(tok)
             exponent = self.unary()
             self.leave()
@@ -293,6 +328,7 @@ class _Parser:
             while True:
                 if self.at("["):
                     opener = self.advance()
+                    self.made(opener.start, opener.end)
                     if isinstance(node, Subscript):
                         self.enter(opener)
                         entered += 1
@@ -328,17 +364,20 @@ class _Parser:
         if not self.at(":"):
             assert lower is not None
             return lower
-        self.advance()
+        colon = self.advance()
+        self.made(colon.start, colon.end)
         upper = None if self.at(":", ",", "]") else self.expr()
         step = None
         if self.at(":"):
             self.advance()
             step = None if self.at(",", "]") else self.expr()
-        end = self.tokens[self.pos - 1]
+        end = self.token(self.pos - 1)
         return Slice(lower, upper, step, self._span(start.start, end.end))
 
     def atom(self) -> Node:
         tok = self.peek()
+        if tok.kind in ("number", "string", "name") or tok.text == "...":
+            self.made(tok.start, tok.end)  # the literal, the name, or the call it starts
         if tok.kind == "number":
             self.advance()
             is_int = not any(c in tok.text for c in ".eE")
@@ -371,12 +410,13 @@ class _Parser:
         if not self.at("("):
             return Name(tok.text, span)
         self.advance()
-        opener = self.tokens[self.pos - 1]
+        opener = self.token(self.pos - 1)
         args: list[Node] = []
         keywords: list[Keyword] = []
         while not self.at(")"):
             name_tok = self.peek()
-            if name_tok.kind == "name" and self.tokens[self.pos + 1].text == "=":
+            if name_tok.kind == "name" and self.token(self.pos + 1).text == "=":
+                self.made(name_tok.start, name_tok.end)
                 self.advance()
                 self.advance()
                 value = self.expr()
@@ -411,6 +451,7 @@ class _Parser:
             return items[0]
         if opener.text == "(" and not items:
             raise self.error("empty parentheses '()' are not an expression", opener)
+        self.made(opener.start, close.end)
         return Seq(tuple(items), span)
 
     # -- spans ------------------------------------------------------------------------------------
@@ -424,11 +465,14 @@ class _Parser:
         return Span(line, column, end.end_line, end.end_column)
 
 
-def parse_expression(text: str, limits: Limits, source: str = "expression") -> Node:
+def parse_expression(
+    text: str, limits: Limits, source: str = "expression", budget: int | None = None
+) -> Node:
     """Parse one expression into a syntax tree, or raise ParseError / LimitExceeded.
 
     ``source`` names the piece of the request the text came from (for error messages), e.g.
-    ``"expression"`` or ``"functions.custom_relu.body"``.
+    ``"expression"`` or ``"functions.custom_relu.body"``. ``budget`` is how many syntax nodes the
+    text may have (default ``limits.max_syntax_nodes``); parsing stops at the node that crosses it.
     """
     if len(text) > limits.max_expression_chars:
         raise LimitExceeded(
@@ -437,4 +481,5 @@ def parse_expression(text: str, limits: Limits, source: str = "expression") -> N
             allowed=limits.max_expression_chars,
             source=source,
         )
-    return _Parser(text, source, limits).parse()
+    limit = limits.max_syntax_nodes if budget is None else max(0, budget)
+    return _Parser(text, source, limits, limit).parse()

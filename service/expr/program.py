@@ -123,7 +123,11 @@ class _Checker:
         sizes: Mapping[str, int],
         forbidden: Mapping[str, str],
     ) -> int:
-        """Validate a tree; returns its syntax-node count with user functions inlined."""
+        """Validate a tree; returns its syntax-node count with user functions inlined.
+
+        Every node counts, as the parser counted it (static arguments and index markers too); a
+        call of a user function adds the function's own count.
+        """
         count = 1
         if isinstance(node, n.Name):
             if node.id not in names and node.id not in CONSTANTS:
@@ -145,7 +149,9 @@ class _Checker:
         elif isinstance(node, n.Subscript):
             count += self.check(node.value, source, names, functions, sizes, forbidden)
             for item in node.index:
-                if not isinstance(item, n.NoneLit | n.EllipsisLit):
+                if isinstance(item, n.NoneLit | n.EllipsisLit):
+                    count += 1
+                else:
                     count += self.check(item, source, names, functions, sizes, forbidden)
             return count
         for child in n.children(node):
@@ -200,6 +206,8 @@ class _Checker:
                     tensor_args.extend(value)
                 elif param.kind == "tensor" and value is not None:
                     tensor_args.append(value)
+            # Static arguments (axes, shapes, literals) and keyword markers count as parsed.
+            count += n.tree_size(call) - 1 - sum(n.tree_size(arg) for arg in tensor_args)
         else:
             known = set(BUILTINS) | set(functions)
             raise self.unknown(call.func, call.func_span, source, known, "function")
@@ -458,7 +466,7 @@ def build_program(
             raise InvalidRequest(f"{fname}() has a repeated parameter name", field=f"{where}.params")
         body_text = _spec_text(spec, "body", f"{where}.body")
         sources[f"{where}.body"] = body_text
-        body = parse_expression(body_text, limits, f"{where}.body")
+        body = parse_expression(body_text, limits, f"{where}.body")  # stops at max_syntax_nodes
         later = {name: f"{fname}() may only call functions defined before it; {name}() comes later"
                  for name in order[index + 1 :]}  # fmt: skip
         later[fname] = f"{fname}() calls itself: recursion is not allowed"
@@ -490,7 +498,8 @@ def build_program(
                     raise InvalidRequest(f"{gwhere} must be a string", field=gwhere)
                 sources[gwhere] = gtext
                 gradient_text[pname] = gtext
-                gradient[pname] = parse_expression(gtext, limits, gwhere)
+                # Parsing stops where this gradient would take the function past the limit.
+                gradient[pname] = parse_expression(gtext, limits, gwhere, limits.max_syntax_nodes - size)
                 size += checker.check(
                     gradient[pname], gwhere, frozenset(params) | _RESERVED, defs, sizes, later
                 )

@@ -183,3 +183,43 @@ def test_expression_length_is_limited() -> None:
     with pytest.raises(LimitExceeded) as info:
         parse("x+" * 10_001 + "x")
     assert info.value.to_dict()["limit"] == "max_expression_chars"
+
+
+# -- the node budget: counted while parsing ----------------------------------------------------------
+
+COUNTED = [
+    "x",
+    "-x + 2 * y ** 3",
+    "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)",
+    "x[:, None, ..., 0] if not a and b < c <= d else [1, 2, (3, 4)]",
+    "einsum('ij,jk->ik', a, b) + sum(x, axis=(0, 1), keepdims=True)",
+    "x[::2][1] @ y // 3 % 2",
+]
+
+
+@pytest.mark.parametrize("text", COUNTED)
+def test_the_parser_counts_exactly_the_nodes_of_the_tree_it_builds(text: str) -> None:
+    size = n.tree_size(parse(text))
+    assert parse_expression(text, Limits(max_syntax_nodes=size))  # exactly at the budget: accepted
+    with pytest.raises(LimitExceeded) as caught:
+        parse_expression(text, Limits(max_syntax_nodes=size - 1))
+    assert caught.value.extra["limit"] == "max_syntax_nodes"
+
+
+def test_parsing_stops_at_the_node_that_crosses_the_budget_before_reading_the_rest() -> None:
+    # The tail is not even valid text: had it been tokenized, this would be a ParseError at its '$'.
+    text = " + ".join(["x"] * 1000) + " $ $ $"
+    with pytest.raises(LimitExceeded) as caught:
+        parse_expression(text, Limits(max_syntax_nodes=100))
+    problem = caught.value.to_dict()
+    # The chain's node, then one per 'x': node 101 is the 100th 'x' at column 397, far before the tail.
+    assert (problem["line"], problem["column"]) == (1, 397), problem
+    assert "parsing stopped" in problem["detail"]
+
+
+def test_the_budget_argument_narrows_the_limit_and_says_why() -> None:
+    with pytest.raises(LimitExceeded) as caught:
+        parse_expression("a + b + c + d", Limits(max_syntax_nodes=50), "functions.f.gradient.a", budget=3)
+    message = str(caught.value)
+    assert "more than 3 syntax nodes" in message and "earlier gradients left" in message
+    assert "at most 50" in message
