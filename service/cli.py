@@ -43,7 +43,27 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `serve` imports, by module, and the extras that provide them: a client-only install (the base
+# package or tapeserve[cli]) has none of them.
+_SERVER_MODULES = ("uvicorn", "fastapi", "pydantic_settings", "orjson", "yaml", "prometheus_client", "redis")
+_WORKER_MODULES = ("tensorflow",)
+SERVER_EXTRA_HINT = "pip install 'tapeserve[server]'  (or 'tapeserve[gpu]' for the CUDA build)"
+
+
+def _missing_server_modules() -> list[str]:
+    """The server's modules this environment lacks (find_spec: nothing is imported)."""
+    return [name for name in (*_SERVER_MODULES, *_WORKER_MODULES) if importlib.util.find_spec(name) is None]
+
+
 def _serve(args: argparse.Namespace) -> int:
+    missing = _missing_server_modules()
+    if missing:
+        print(
+            f"tapeserve serve: the server is not installed here (missing: {', '.join(missing)}); "
+            f"install the server extra:\n  {SERVER_EXTRA_HINT}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     # Imported here so client subcommands never pay for (or need) the server's dependencies.
     import uvicorn
     from pydantic import ValidationError
@@ -76,7 +96,10 @@ def _serve(args: argparse.Namespace) -> int:
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-        proxy_headers=False,
+        # Client addresses (rate-limit buckets without keys, logs) come from X-Forwarded-For only when
+        # the peer is one of the trusted balancers; unset, the headers are ignored.
+        proxy_headers=settings.forwarded_allow_ips is not None,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         server_header=False,
     )
     return 0

@@ -20,6 +20,7 @@ from service.api.logging import RequestContextMiddleware
 from service.api.metrics import MeteredPool, Metrics
 from service.api.metrics import router as metrics_router
 from service.api.problems import document_problem_media_type, install_problem_handlers
+from service.api.ratelimit import make_limiter
 from service.api.routes import functions, gradient, health, model, playground, step, umbridge
 from service.api.schemas import TENSOR_COMPONENTS
 from service.api.security import AuthMiddleware, document_api_keys
@@ -56,6 +57,12 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
     """The application; its lifespan starts the worker pool (or ``pool``, for tests) and stops it."""
     settings = settings or Settings()
     metrics = Metrics()
+    limiter = make_limiter(
+        settings.rate_limit_store,
+        settings.rate_limit,
+        settings.rate_limit_burst,
+        on_store_error=metrics.rate_limit_store_errors.inc,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,6 +76,8 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
             yield
         finally:
             await worker_pool.close(settings.shutdown_grace_s)
+            if limiter is not None:
+                await limiter.aclose()
 
     app = FastAPI(
         title="tapeserve",
@@ -111,8 +120,7 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
         AuthMiddleware,
         digests=settings.api_key_digests(),
         metrics_public=settings.metrics_public,
-        rate_limit=settings.rate_limit,
-        burst=settings.rate_limit_burst,
+        limiter=limiter,
     )
     # Outside the body limit, so its 413 under /umbridge also becomes the protocol's error body.
     app.add_middleware(umbridge.UMBridgeErrorsMiddleware)

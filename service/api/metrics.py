@@ -124,6 +124,12 @@ class Metrics:
             buckets=_COMPILE_BUCKETS,
             registry=self.registry,
         )
+        self.rate_limit_store_errors = Counter(
+            "tapeserve_rate_limit_store_errors",
+            "Rate-limit decisions this process took with its own buckets because the shared store "
+            "(TAPESERVE_RATE_LIMIT_STORE) did not answer.",
+            registry=self.registry,
+        )
         self._label_cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._job_children: dict[tuple[type, str], tuple[Any, Any, Any, Any]] = {}
 

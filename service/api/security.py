@@ -16,14 +16,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.problems import PROBLEM_MEDIA_TYPE, problem_response
+from service.api.ratelimit import RateLimiter, TokenBuckets
 from service.errors import TapeserveError
 
 __all__ = [
@@ -42,9 +41,6 @@ _PROTECTED_EXACT = frozenset({"/v1", "/umbridge", "/gradient"})
 _METRICS_PATH = "/metrics"
 # A sha256 digest in hex.
 _DIGEST_HEX_CHARS = 64
-# Buckets remembered at once; an idle full bucket is dropped first (it carries no state worth keeping).
-# Bounded so a flood of distinct keys cannot grow memory (only valid keys get buckets anyway).
-_MAX_BUCKETS = 10_000
 
 
 class Unauthorized(TapeserveError):
@@ -91,31 +87,6 @@ def is_protected(path: str, *, metrics_public: bool) -> bool:
     return path == _METRICS_PATH and not metrics_public
 
 
-class TokenBuckets:
-    """One token bucket per key: ``rate`` tokens a second up to ``burst``; a request takes one."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        # key -> (tokens, last refill time); LRU order so the least recently used goes first.
-        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()
-
-    def take(self, key: bytes, now: float | None = None) -> float:
-        """Take a token: 0.0 if allowed, else the seconds until a token is available."""
-        now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            wait = 0.0
-        else:
-            self._buckets[key] = (tokens, now)
-            wait = (1.0 - tokens) / self.rate
-        if len(self._buckets) > _MAX_BUCKETS:
-            self._buckets.popitem(last=False)
-        return wait
-
-
 class AuthMiddleware:
     """Refuses protected requests without a valid key (401) or over their key's rate (429).
 
@@ -129,13 +100,12 @@ class AuthMiddleware:
         *,
         digests: frozenset[bytes],
         metrics_public: bool,
-        rate_limit: float | None,
-        burst: int,
+        limiter: RateLimiter | None,
     ) -> None:
         self.app = app
         self.digests = tuple(digests)
         self.metrics_public = metrics_public
-        self.buckets = TokenBuckets(rate_limit, burst) if rate_limit is not None else None
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
@@ -156,15 +126,17 @@ class AuthMiddleware:
                 headers = {"WWW-Authenticate": 'Bearer realm="tapeserve"'}
                 await problem_response(refusal, path, headers)(scope, receive, send)
                 return
-            # Keys off: the client's address stands in for the key (the bucket's name only).
+            # Keys off: the client's address stands in for the key (the bucket's name only). It is the
+            # peer's address, or X-Forwarded-For's when the peer is a trusted balancer (uvicorn's
+            # proxy headers, TAPESERVE_FORWARDED_ALLOW_IPS).
             client = scope.get("client")
             digest = b"addr:" + (client[0] if client else "").encode()
-        if self.buckets is not None:
-            wait = self.buckets.take(digest)
+        if self.limiter is not None:
+            wait = await self.limiter.take(digest)
             if wait > 0.0:
                 retry_after = max(1, math.ceil(wait))
                 error = RateLimited(
-                    f"more than {self.buckets.rate:g} requests per second (burst {self.buckets.burst:g}) "
+                    f"more than {self.limiter.rate:g} requests per second (burst {self.limiter.burst:g}) "
                     f"for this API key; retry after {retry_after} s",
                     retry_after=retry_after,
                 )

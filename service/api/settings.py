@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import ipaddress
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Self
@@ -128,6 +129,20 @@ class Settings(BaseSettings):
     )
     # 20: a client's short burst (a page of concurrent calls) passes; only sustained excess is refused.
     rate_limit_burst: int = Field(20, ge=1, le=1_000_000, description="Requests a key may send at once.")
+    # None: each process keeps its own buckets, so N replicas allow N times the rate; a Redis shared by
+    # every replica makes the limit hold for the sum.
+    rate_limit_store: str | None = Field(
+        None,
+        description='Where rate-limit buckets live: unset or "memory" (in each process, so per replica), '
+        'or a Redis URL such as "redis://host:6379/0" shared by every replica.',
+    )
+    # None: X-Forwarded-For is ignored and a client is its peer address; behind a balancer, list the
+    # balancer's addresses so the client it names counts (never "*" where clients reach replicas).
+    forwarded_allow_ips: str | None = Field(
+        None,
+        description="Addresses (or networks) of balancers whose X-Forwarded-For and X-Forwarded-Proto are "
+        'trusted, comma-separated, or "*" (unset: the headers are ignored).',
+    )
     # None: no CORS headers, so browsers allow only same-origin pages (the built-in playground).
     cors_origins: str | None = Field(
         None, description='Origins allowed by CORS, comma-separated, or "*" (unset: CORS off).'
@@ -241,6 +256,31 @@ class Settings(BaseSettings):
 
             load_models_file(self.models, self.limits())  # ModelsFileError is a ValueError
         return self
+
+    @field_validator("rate_limit_store")
+    @classmethod
+    def _store_known(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if value == "memory" or value.startswith(("redis://", "rediss://", "unix://")):
+            return value
+        raise ValueError('expected "memory" or a Redis URL (redis://, rediss:// or unix://)')
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _addresses(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        items = [item.strip() for item in value.split(",")]
+        for item in items:
+            if item == "*":
+                continue
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network (or '*')") from None
+        return ",".join(items)
 
     @field_validator("api_keys", "cors_origins", "api_keys_file", mode="before")
     @classmethod

@@ -32,3 +32,22 @@ def test_invalid_configuration_exits_2_without_starting() -> None:
     assert result.returncode == 2
     assert "invalid configuration" in result.stderr
     assert "port" in result.stderr
+
+
+def test_serve_without_the_server_extra_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # As in a client-only install: the server's modules are not found (tests/packaging does it for real).
+    import importlib.util
+
+    from service import cli
+
+    real_find_spec = importlib.util.find_spec
+    absent = {"uvicorn", "tensorflow"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in absent else real_find_spec(name, *a)
+    )
+    assert cli.main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'tapeserve[server]'" in err
+    assert "uvicorn" in err and "tensorflow" in err
