@@ -1,0 +1,103 @@
+"""Rate limits across replicas: two `tapeserve serve` replicas (one worker each) sharing Debian's
+redis-server, one client alternating between them, all on loopback.
+
+The limit holds for the sum (burst B: exactly B requests pass over both replicas), and X-Forwarded-For
+names the client only when the peer is the trusted balancer address (127.0.0.1 here; a client
+connecting from 127.0.0.2 is not trusted, so its header is ignored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.conftest import LiveServer, start_server, stop_server
+from tests.redisserver import RedisServer, start_redis
+
+BURST = 4
+# So low that no token comes back during the test: which requests pass does not depend on timing.
+RATE = 0.001
+TRUSTED = "127.0.0.1"  # the balancer's address, as the replicas are told
+UNTRUSTED = "127.0.0.2"  # any other peer (Linux routes all of 127/8 to loopback)
+
+
+@dataclass
+class Replicas:
+    servers: list[LiveServer]
+    redis: RedisServer
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    tmp = tmp_path_factory.mktemp("shared-limit")
+    redis = start_redis(tmp)
+    env = {
+        "TAPESERVE_RATE_LIMIT": str(RATE),
+        "TAPESERVE_RATE_LIMIT_BURST": str(BURST),
+        "TAPESERVE_RATE_LIMIT_STORE": redis.url,
+        "TAPESERVE_FORWARDED_ALLOW_IPS": TRUSTED,
+        "TAPESERVE_LOG_FORMAT": "text",
+    }
+    servers: list[LiveServer] = []
+    try:
+        for _ in range(2):
+            servers.append(start_server(tmp, env))
+        yield Replicas(servers, redis)
+    finally:
+        for server in servers:
+            stop_server(server)
+        redis.stop()
+
+
+def _client(source: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=60.0)
+
+
+def _alternate(
+    replicas: Replicas, source: str, forwarded_for: str | None, count: int
+) -> list[httpx.Response]:
+    """``count`` requests from ``source`` to replica 0, 1, 0, ... (GET /v1/functions: limited, no worker)."""
+    headers = {"X-Forwarded-For": forwarded_for} if forwarded_for else {}
+    with _client(source) as client:
+        return [
+            client.get(f"{replicas.servers[i % 2].url}/v1/functions", headers=headers) for i in range(count)
+        ]
+
+
+def _check_refusal(response: httpx.Response) -> None:
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["code"] == "rate_limited"
+    # One token at 0.001/s is ~1000 s away; the header and the body agree.
+    assert 900 <= int(response.headers["retry-after"]) <= 1000
+    assert problem["retry_after"] == int(response.headers["retry-after"])
+
+
+def test_the_limit_holds_for_the_sum_of_both_replicas(replicas: Replicas) -> None:
+    responses = _alternate(replicas, TRUSTED, "198.51.100.1", 3 * BURST)
+    assert [r.status_code for r in responses] == [200] * BURST + [429] * (2 * BURST)
+    for response in responses[BURST:]:
+        _check_refusal(response)
+    # Both replicas refused: neither has a private bucket that would let more through.
+    assert {str(r.url).split("/v1")[0] for r in responses[BURST:]} == {s.url for s in replicas.servers}
+
+
+def test_forwarded_for_names_the_client_only_from_the_trusted_address(replicas: Replicas) -> None:
+    # From the trusted balancer: each forwarded client has its own bucket, and so has the balancer itself.
+    assert _alternate(replicas, TRUSTED, "198.51.100.2", 1)[0].status_code == 200
+    assert _alternate(replicas, TRUSTED, None, 1)[0].status_code == 200
+
+    # From an untrusted peer the header is ignored: the bucket is the peer's address, whatever it says.
+    spoofed = [f"198.51.100.{n}" for n in range(10, 10 + 2 * BURST)]
+    statuses = []
+    with _client(UNTRUSTED) as client:
+        for i, claimed in enumerate(spoofed):
+            url = f"{replicas.servers[i % 2].url}/v1/functions"
+            statuses.append(client.get(url, headers={"X-Forwarded-For": claimed}).status_code)
+    assert statuses == [200] * BURST + [429] * BURST, statuses
+    # Those addresses' buckets were never touched: through the trusted address each still has its burst.
+    assert _alternate(replicas, TRUSTED, spoofed[-1], 1)[0].status_code == 200
