@@ -28,6 +28,7 @@ __all__ = [
     "concatenate",
     "cos",
     "cosh",
+    "cross",
     "cumprod",
     "cumsum",
     "det",
@@ -59,6 +60,7 @@ __all__ = [
     "mean",
     "min",
     "minimum",
+    "multigammaln",
     "norm",
     "one_hot",
     "ones",
@@ -67,6 +69,8 @@ __all__ = [
     "relu",
     "reshape",
     "round",
+    "scatter_add",
+    "segment_sum",
     "selu",
     "sigmoid",
     "sign",
@@ -142,6 +146,11 @@ log1p = BuiltinFunction("log1p", "log1p(x)", "log(1 + x), accurate near 0.")
 log2 = BuiltinFunction("log2", "log2(x)", "Base-2 logarithm.")
 maximum = BuiltinFunction("maximum", "maximum(a, b)", "Elementwise maximum (broadcasting).")
 minimum = BuiltinFunction("minimum", "minimum(a, b)", "Elementwise minimum (broadcasting).")
+multigammaln = BuiltinFunction(
+    "multigammaln",
+    "multigammaln(a, p)",
+    "log of the multivariate gamma function Gamma_p(a), elementwise (scipy's multigammaln).",
+)
 ones_like = BuiltinFunction("ones_like", "ones_like(x)", "Ones with x's shape.")
 relu = BuiltinFunction("relu", "relu(x)", "max(x, 0).")
 round = BuiltinFunction("round", "round(x)", "Round half to even, like numpy (zero derivative).")
@@ -170,6 +179,9 @@ stop_gradient = BuiltinFunction(
 # linalg
 cholesky = BuiltinFunction(
     "cholesky", "cholesky(x)", "Lower Cholesky factor of a symmetric positive-definite matrix."
+)
+cross = BuiltinFunction(
+    "cross", "cross(a, b)", "Cross product over the last axis (length 3), broadcasting like numpy."
 )
 det = BuiltinFunction("det", "det(x)", "Determinant of a square matrix (batched over leading axes).")
 diag = BuiltinFunction("diag", "diag(x, k=0)", "Vector -> diagonal matrix; matrix -> its k-th diagonal.")
@@ -235,6 +247,16 @@ one_hot = BuiltinFunction(
 )
 ones = BuiltinFunction("ones", "ones(shape)", "A tensor of ones.")
 reshape = BuiltinFunction("reshape", "reshape(x, shape)", "Same elements in a new shape (one -1 allowed).")
+scatter_add = BuiltinFunction(
+    "scatter_add",
+    "scatter_add(x, indices, updates)",
+    "x with updates[i] added to x[indices[i]] along axis 0 (repeated indices accumulate).",
+)
+segment_sum = BuiltinFunction(
+    "segment_sum",
+    "segment_sum(data, segment_ids, num_segments)",
+    "Sums of data's rows by integer segment id (ids in [0, num_segments); out-of-range ids are an error).",
+)
 squeeze = BuiltinFunction("squeeze", "squeeze(x, axis=None)", "Remove axes of length 1.")
 stack = BuiltinFunction("stack", "stack(arrays, axis=0)", "Stack [a, b, ...] along a new axis.")
 take = BuiltinFunction(

@@ -133,6 +133,21 @@ _unary("ceil", "Round up (zero derivative).", lambda c, x: c.tf.math.ceil(x))
 _unary("round", "Round half to even, like numpy (zero derivative).", lambda c, x: c.tf.round(x))
 _unary("zeros_like", "Zeros with x's shape.", lambda c, x: c.tf.zeros_like(x))
 _unary("ones_like", "Ones with x's shape.", lambda c, x: c.tf.ones_like(x))
+
+
+@_add("elementwise", "multigammaln", ["a", Param("p", INT)],
+      "log of the multivariate gamma function Gamma_p(a), elementwise (scipy's multigammaln).")  # fmt: skip
+def _multigammaln(c: Context, a: Any, p: int) -> Any:
+    # log Gamma_p(a) = p(p-1)/4 log(pi) + sum_{j=1..p} lgamma(a + (1-j)/2); p fixes the term count
+    if p < 1:
+        raise ValueError("multigammaln p must be at least 1")
+    if p > 10_000:  # one lgamma op per term: more terms than any dimension a request can carry
+        raise ValueError("multigammaln p may be at most 10000")
+    tf = c.tf
+    terms = [tf.math.lgamma(a + (1.0 - j) / 2.0) for j in range(1, p + 1)]
+    return tf.add_n(terms) + p * (p - 1) / 4.0 * math.log(math.pi)
+
+
 _add("elementwise", "arctan2", ["y", "x"], "Angle of the point (x, y), elementwise.")(
     lambda c, y, x: c.tf.atan2(y, x)
 )
@@ -273,6 +288,16 @@ def _trace(c: Context, x: Any) -> Any:
     return c.tf.linalg.trace(c.tf.transpose(x, perm) if rank > 2 else x)
 
 
+@_add("linalg", "cross", ["a", "b"], "Cross product over the last axis (length 3), broadcasting like numpy.")
+def _cross(c: Context, a: Any, b: Any) -> Any:
+    tf = c.tf
+    if not a.shape or not b.shape or int(a.shape[-1]) != 3 or int(b.shape[-1]) != 3:
+        raise ValueError("cross takes vectors of length 3 along the last axis")
+    a0, a1, a2 = a[..., 0], a[..., 1], a[..., 2]
+    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+    return tf.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], axis=-1)
+
+
 _add("linalg", "det", ["x"], "Determinant of a square matrix (batched over leading axes).")(
     lambda c, x: c.tf.linalg.det(x)
 )
@@ -385,6 +410,47 @@ def _take(c: Context, x: Any, indices: Any, axis: int | None) -> Any:
 )
 def _gather(c: Context, x: Any, indices: Any, axis: int) -> Any:
     return c.tf.gather(x, _indices(c, indices), axis=axis)
+
+
+@_add(
+    "shape",
+    "scatter_add",
+    ["x", "indices", "updates"],
+    "x with updates[i] added to x[indices[i]] along axis 0 (repeated indices accumulate).",
+)
+def _scatter_add(c: Context, x: Any, indices: Any, updates: Any) -> Any:
+    tf = c.tf
+    if len(indices.shape) != 1:
+        raise ValueError(f"scatter_add takes 1-D indices, got {len(indices.shape)}-D")
+    if len(x.shape) == 0:
+        raise ValueError("scatter_add takes an x of at least one axis")
+    rows = _indices(c, indices)
+    expected = [int(indices.shape[0]), *(int(d) for d in x.shape[1:])]
+    updates = tf.broadcast_to(tf.cast(updates, x.dtype), expected)
+    return tf.tensor_scatter_nd_add(x, rows[:, None], updates)
+
+
+@_add(
+    "shape",
+    "segment_sum",
+    ["data", "segment_ids", Param("num_segments", INT)],
+    "Sums of data's rows by integer segment id (ids in [0, num_segments); out-of-range ids are an error).",
+)
+def _segment_sum(c: Context, data: Any, segment_ids: Any, num_segments: int) -> Any:
+    tf = c.tf
+    if num_segments < 0:
+        raise ValueError("segment_sum num_segments must not be negative")
+    rank = len(segment_ids.shape)
+    if rank == 0 or list(data.shape[:rank]) != list(segment_ids.shape):
+        raise ValueError(
+            f"segment_sum: segment_ids of shape {list(segment_ids.shape)} must match the leading axes of "
+            f"data of shape {list(data.shape)}"
+        )
+    c.check_elements(num_segments * math.prod(int(d) for d in data.shape[rank:]), "segment_sum")
+    ids = _indices(c, segment_ids)
+    # unsorted_segment_sum drops negative ids silently; refuse them like the ones past the end
+    ids = tf.where(ids < 0, tf.constant(num_segments, ids.dtype), ids)
+    return tf.math.unsorted_segment_sum(data, ids, num_segments)
 
 
 @_add("shape", "zeros", [Param("shape", SHAPE)], "A tensor of zeros.")

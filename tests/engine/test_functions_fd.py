@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from service.engine import GradientJob, GradientResult, execute
+from service.errors import EvaluationError
 from service.expr.functions import BUILTINS
 from tests.engine.finite_differences import Arrays, finite_difference
 from tests.tolerances import (
@@ -764,6 +765,95 @@ CASES += [
         hessian=lambda p: {"x": {"x": np.diag(np.where(np.abs(2 * p["x"]) < 1, 1.0, 0.0))}},
     ),
 ]
+
+
+# -- cases: what GradBench's evals need (gmm's Wishart prior, ba's rotations, gathers and sums) ------
+
+
+def _multigammaln(a: np.ndarray, p: int) -> np.ndarray:
+    # the definition: log Gamma_p(a) = p(p-1)/4 log(pi) + sum_{j=1..p} lgamma(a + (1 - j) / 2)
+    return p * (p - 1) / 4 * math.log(math.pi) + sum(_lgamma(a + (1 - j) / 2) for j in range(1, p + 1))
+
+
+def _scatter_add(x: np.ndarray, indices: np.ndarray, updates: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    np.add.at(out, indices.astype(int), updates)
+    return out
+
+
+def _segment_sum(data: np.ndarray, ids: np.ndarray, count: int) -> np.ndarray:
+    out = np.zeros((count, *data.shape[1:]))
+    np.add.at(out, ids.astype(int), data)
+    return out
+
+
+_GAMMA_A = arr([1.2, 2.5, 3.1, 4.7])  # above (p - 1) / 2 for p = 3, where Gamma_p is finite
+_SCATTER_I = arr([0, 3, 0])  # a repeated row must accumulate, and row 1, 2 stay as they were
+_SEGMENT_IDS = arr([2, 0, 2, 1, 2])  # segment 3 is empty: a zero row, and no gradient anywhere
+
+CASES += [
+    Case(
+        id="multigammaln",
+        covers=("multigammaln",),
+        # p = 1 is lgamma itself; p = 3 adds the shifted terms and the constant
+        expression="sum(multigammaln(a, 1) * w) + sum(multigammaln(a * a, 3) * w2)",
+        variables={"a": _GAMMA_A},
+        constants={"w": weights(4), "w2": weights(4)},
+        reference=lambda p: (
+            np.sum(_lgamma(p["a"]) * p["w"]) + np.sum(_multigammaln(p["a"] ** 2, 3) * p["w2"])
+        ),
+    ),
+    Case(
+        id="cross",
+        covers=("cross",),
+        # a row of a against one b (broadcast), and a with itself squared
+        expression="sum(cross(A, v) * W) + sum(cross(v * v, A[0]) * w)",
+        variables={"A": arr([[0.6, -1.2, 0.9], [1.4, 0.7, -0.5]]), "v": V3},
+        constants={"W": weights(2, 3), "w": weights(3)},
+        reference=lambda p: (
+            np.sum(np.cross(p["A"], p["v"]) * p["W"]) + np.sum(np.cross(p["v"] ** 2, p["A"][0]) * p["w"])
+        ),
+    ),
+    Case(
+        id="scatter_add",
+        covers=("scatter_add",),
+        expression="sum(scatter_add(X, i, U * U) * W) + sum(scatter_add(v, j, 2 * v[:2] * v[1:]) * w)",
+        variables={
+            "X": arr([[0.3, -0.8], [1.1, 0.5], [-0.6, 1.3], [0.2, 0.4]]),
+            "U": arr([[0.5, -0.3], [0.8, 1.2], [-0.4, 0.1]]),
+            "v": V3,
+        },  # fmt: skip
+        constants={"i": _SCATTER_I, "j": arr([2, 2]), "W": weights(4, 2), "w": weights(3)},
+        reference=lambda p: (
+            np.sum(_scatter_add(p["X"], p["i"], p["U"] ** 2) * p["W"])
+            + np.sum(_scatter_add(p["v"], p["j"], 2 * p["v"][:2] * p["v"][1:]) * p["w"])
+        ),
+    ),
+    Case(
+        id="segment_sum",
+        covers=("segment_sum",),
+        expression="sum(segment_sum(D * D, s, 4) * W) + sum(segment_sum(v, s[:3], 3) * w)",
+        variables={"D": arr([[0.3, -0.8], [1.1, 0.5], [-0.6, 1.3], [0.2, 0.4], [0.9, -0.7]]), "v": V3},
+        constants={"s": _SEGMENT_IDS, "W": weights(4, 2), "w": weights(3)},
+        reference=lambda p: (
+            np.sum(_segment_sum(p["D"] ** 2, p["s"], 4) * p["W"])
+            + np.sum(_segment_sum(p["v"], p["s"][:3], 3) * p["w"])
+        ),
+    ),
+]
+
+
+def test_segment_sum_refuses_ids_out_of_range() -> None:
+    # a silently dropped row (TF's rule for negative ids) would be a wrong answer, not an error
+    for bad in ([0, -1], [0, 2]):
+        job = GradientJob(
+            expression="sum(segment_sum(x, s, 2))",
+            variables={"x": arr([1.0, 2.0])},
+            constants={"s": arr(bad)},
+            dtype="float64",
+        )
+        with pytest.raises(EvaluationError, match="out of range"):
+            execute(job)
 
 
 def _params(kind: str) -> list[Any]:

@@ -1,0 +1,260 @@
+"""GradBench's evals as tapeserve requests (examples/gradbench), on small sizes, through a live server.
+
+Each eval's answer is compared with an independent value: a closed form or float64 central finite
+differences of a numpy implementation written here from the eval's definition, never from the
+example's expression. The bound is GradBench's own check, |x - y| / max(1, |x| + |y|) <= 1e-4
+elementwise: these tests ask whether the example passes the benchmark's validator, and the finite
+differences below (h = 1e-6, truncation ~h**2 times a third derivative, rounding ~1e-16 / h) are
+accurate to ~1e-8, far inside it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from examples.gradbench import ba, det, gmm, hello, kmeans, llsq, lse
+from service.client import Client
+from tests.conftest import LiveServer
+
+GRADBENCH_TOLERANCE = 1e-4
+STEP = 1e-6  # central differences in float64: truncation ~h**2 balanced against rounding ~1e-16 / h
+
+
+def assert_gradbench_close(actual: Any, expected: Any, what: str) -> None:
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    error = np.abs(a - e) / np.maximum(1.0, np.abs(a) + np.abs(e))
+    worst = float(np.max(error, initial=0.0))
+    assert worst <= GRADBENCH_TOLERANCE, f"{what}: GradBench error {worst:.3g} > {GRADBENCH_TOLERANCE}"
+
+
+def central_difference(fn: Callable[[np.ndarray], float], x: np.ndarray) -> np.ndarray:
+    out = np.empty(x.shape)
+    for index in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[index] += STEP
+        down[index] -= STEP
+        out[index] = (fn(up) - fn(down)) / (2 * STEP)
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(ready_server: LiveServer) -> Iterator[Client]:
+    with Client(ready_server.url, timeout=120) as c:
+        yield c
+
+
+def test_hello(client: Client) -> None:
+    assert_gradbench_close(hello.FUNCTIONS["square"](client, 1.5), 2.25, "square")
+    assert_gradbench_close(hello.FUNCTIONS["double"](client, 2.25), 4.5, "double")
+
+
+def test_lse(client: Client) -> None:
+    # large entries: exp(x) overflows float64, so only a stable formula gives these closed forms
+    x = np.array([1000.0, 999.0, 998.5, -3.0, 1000.0])
+    expected = 1000.0 + math.log(np.sum(np.exp(x - 1000.0)))
+    assert_gradbench_close(lse.FUNCTIONS["primal"](client, {"x": x.tolist()}), expected, "primal")
+    softmax = np.exp(x - expected)
+    assert_gradbench_close(lse.FUNCTIONS["gradient"](client, {"x": x.tolist()}), softmax, "gradient")
+
+
+def test_llsq(client: Client) -> None:
+    n, m = 9, 4
+    x = np.array([0.3, -0.2, 0.7, 0.1])
+    t = -1 + np.arange(n) * 2 / (n - 1)
+    residual = np.sign(t) - np.vander(t, m, increasing=True) @ x
+    input = {"x": x.tolist(), "n": n}
+    assert_gradbench_close(llsq.FUNCTIONS["primal"](client, input), 0.5 * residual @ residual, "primal")
+    gradient = -np.vander(t, m, increasing=True).T @ residual
+    assert_gradbench_close(llsq.FUNCTIONS["gradient"](client, input), gradient, "gradient")
+
+
+def _det_by_minors(a: np.ndarray) -> float:
+    if a.shape[0] == 1:
+        return float(a[0, 0])
+    return sum(
+        (-1) ** j * a[0, j] * _det_by_minors(np.delete(np.delete(a, 0, 0), j, 1)) for j in range(a.shape[0])
+    )
+
+
+def test_det(client: Client) -> None:
+    ell = 4
+    a = np.random.default_rng(5).uniform(size=(ell, ell))
+    input = {"A": a.ravel().tolist(), "ell": ell}
+    assert_gradbench_close(det.FUNCTIONS["primal"](client, input), _det_by_minors(a), "primal")
+    # the gradient entry (i, j) is the cofactor: (-1)**(i+j) times the minor's determinant
+    cofactors = [
+        (-1) ** (i + j) * _det_by_minors(np.delete(np.delete(a, i, 0), j, 1))
+        for i, j in itertools.product(range(ell), repeat=2)
+    ]
+    assert_gradbench_close(det.FUNCTIONS["gradient"](client, input), cofactors, "gradient")
+
+
+def test_kmeans(client: Client) -> None:
+    rng = np.random.default_rng(7)
+    points = rng.uniform(size=(40, 3))
+    centroids = points[-4:].copy()  # as GradBench does: every centroid has a point of its own
+    input = {"points": points.tolist(), "centroids": centroids.tolist()}
+    distances = np.sum((points[:, None, :] - centroids[None, :, :]) ** 2, axis=2)
+    assert_gradbench_close(kmeans.FUNCTIONS["cost"](client, input), np.sum(np.min(distances, axis=1)), "cost")
+    # J_j = 2 sum_{i in j} (C_j - P_i) and H_j = 2 |j| on the diagonal: dir_j = C_j - mean of cluster j
+    nearest = np.argmin(distances, axis=1)
+    expected = np.array([centroids[j] - points[nearest == j].mean(axis=0) for j in range(4)])
+    assert_gradbench_close(kmeans.FUNCTIONS["dir"](client, input), expected, "dir")
+
+
+def _gmm_log_posterior(
+    d: int, k: int, x: np.ndarray, m: int, gamma: float, params: dict[str, np.ndarray]
+) -> float:
+    """The definition, naively: densities multiplied, Wishart prior on Q^T Q, logarithm at the end."""
+    alpha, mu, q, lower = params["alpha"], params["mu"], params["q"], params["l"]
+    phi = np.exp(alpha) / np.sum(np.exp(alpha))
+    precisions = []
+    for c in range(k):
+        qmat = np.diag(np.exp(q[c]))
+        below = iter(lower[c])
+        for j in range(d):  # column by column under the diagonal
+            for i in range(j + 1, d):
+                qmat[i, j] = next(below)
+        precisions.append(qmat.T @ qmat)
+    likelihood = 1.0
+    for xi in x:
+        likelihood *= sum(
+            phi[c]
+            * math.exp(-0.5 * (xi - mu[c]) @ precisions[c] @ (xi - mu[c]))
+            / math.sqrt((2 * math.pi) ** d / np.linalg.det(precisions[c]))
+            for c in range(k)
+        )
+    dof = d + m + 1
+    log_gamma_d = d * (d - 1) / 4 * math.log(math.pi) + sum(
+        math.lgamma(dof / 2 + (1 - j) / 2) for j in range(1, d + 1)
+    )
+    prior = 1.0
+    for p_c in precisions:
+        prior *= (np.linalg.det(p_c) ** ((dof - d - 1) / 2) * math.exp(-0.5 * gamma**2 * np.trace(p_c))) / (
+            2 ** (dof * d / 2) * gamma ** (-dof * d) * math.exp(log_gamma_d)
+        )
+    return math.log(likelihood * prior)
+
+
+def test_gmm(client: Client) -> None:
+    d, k, n, m, gamma = 3, 2, 6, 1, 1.3
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(n, d))
+    params = {
+        "alpha": rng.normal(size=k),
+        "mu": rng.uniform(size=(k, d)),
+        "q": 0.3 * rng.normal(size=(k, d)),
+        "l": 0.3 * rng.normal(size=(k, d * (d - 1) // 2)),
+    }
+    input = {"d": d, "k": k, "n": n, "m": m, "gamma": gamma, "x": x.tolist()} | {
+        name: value.tolist() for name, value in params.items()
+    }
+    expected = _gmm_log_posterior(d, k, x, m, gamma, params)
+    assert_gradbench_close(gmm.FUNCTIONS["objective"](client, input), expected, "objective")
+    jacobian = gmm.FUNCTIONS["jacobian"](client, input)
+    for name in gmm.INDEPENDENT:
+        fd = central_difference(
+            lambda v, name=name: _gmm_log_posterior(d, k, x, m, gamma, params | {name: v}), params[name]
+        )
+        assert_gradbench_close(jacobian[name], fd, f"d/d{name}")
+
+
+def _ba_residuals(cam: np.ndarray, X: np.ndarray, w: float, feat: np.ndarray) -> np.ndarray:
+    """One observation's (reproj_err[0], reproj_err[1], w_err), from the rotation matrix of rot."""
+    rot, center, focal, principal, radial = cam[0:3], cam[3:6], cam[6], cam[7:9], cam[9:11]
+    theta = np.linalg.norm(rot)
+    if theta == 0:
+        rotated = (X - center) + np.cross(rot, X - center)
+    else:
+        k = rot / theta
+        skew = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+        rotation = np.eye(3) + math.sin(theta) * skew + (1 - math.cos(theta)) * skew @ skew
+        rotated = rotation @ (X - center)
+    proj = rotated[:2] / rotated[2]
+    r2 = proj @ proj
+    projected = proj * (1 + radial[0] * r2 + radial[1] * r2 * r2) * focal + principal
+    return np.concatenate([w * (projected - feat), [1 - w * w]])
+
+
+def _ba_block_fd(cam: np.ndarray, X: np.ndarray, w: float, feat: np.ndarray) -> dict[str, np.ndarray]:
+    """d(residuals)/d(cam, X, w) of one observation by central differences: (3, 11), (3, 3), (3,)."""
+
+    def rows(fn: Callable[[np.ndarray], np.ndarray], at: np.ndarray) -> np.ndarray:
+        return np.stack([central_difference(lambda v, i=i: float(fn(v)[i]), at) for i in range(3)])
+
+    return {
+        "cam": rows(lambda v: _ba_residuals(v, X, w, feat), cam),
+        "X": rows(lambda v: _ba_residuals(cam, v, w, feat), X),
+        "w": rows(lambda v: _ba_residuals(cam, X, float(v[0]), feat), np.array([w]))[:, 0],
+    }
+
+
+def _ba_problem(rng: np.random.Generator, n: int, m: int, p: int) -> dict[str, np.ndarray]:
+    cams = np.concatenate(
+        [0.3 * rng.normal(size=(n, 3)), 0.2 * rng.normal(size=(n, 3)), rng.uniform(1, 2, (n, 1)),
+         rng.normal(size=(n, 2)), 0.1 * rng.normal(size=(n, 2))], axis=1)  # fmt: skip
+    cams[0, 0:3] = 0.0  # one camera at angle 0: the first-order branch
+    X = rng.normal(size=(m, 3)) + np.array([0.0, 0.0, 5.0])  # in front of the cameras
+    obs = np.stack([rng.integers(0, n, p), rng.integers(0, m, p)], axis=1)
+    obs[0, 0] = 0
+    return {
+        "cams": cams,
+        "X": X,
+        "w": rng.uniform(0.5, 1.5, p),
+        "feats": rng.normal(size=(p, 2)),
+        "obs": obs.astype(np.float64),
+    }
+
+
+def test_ba_errors_and_blocks_against_numpy(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    problem = _ba_problem(rng, n=3, m=5, p=7)
+    monkeypatch.setattr(ba, "CHUNK", 4)  # two requests, the second partial: chunks must line up
+    obs = problem["obs"].astype(int)
+    expected = np.array([
+        _ba_residuals(problem["cams"][c], problem["X"][x], problem["w"][j], problem["feats"][j])
+        for j, (c, x) in enumerate(obs)
+    ])  # fmt: skip
+    reproj, w_err = ba.errors(client, problem)
+    assert_gradbench_close(reproj, expected[:, :2], "reproj_err")
+    assert_gradbench_close(w_err, expected[:, 2], "w_err")
+    blocks = ba.blocks(client, problem)
+    for j, (c, x) in enumerate(obs):
+        cam, X, w, feat = problem["cams"][c], problem["X"][x], problem["w"][j], problem["feats"][j]
+        fd = _ba_block_fd(cam, X, w, feat)
+        assert_gradbench_close(blocks["cam"][j], fd["cam"], f"observation {j}: d/dcam")
+        assert_gradbench_close(blocks["X"][j], fd["X"], f"observation {j}: d/dX")
+        assert_gradbench_close(blocks["w"][j], fd["w"], f"observation {j}: d/dw")
+
+
+def test_ba_gradbench_form(client: Client) -> None:
+    # GradBench's input: one of each, duplicated; observation j is camera j mod n, point j mod m
+    input = {
+        "n": 2, "m": 3, "p": 5,
+        "cam": [0.1, -0.2, 0.3, 0.05, 0.1, -0.1, 1.5, 0.2, -0.1, 0.01, -0.02],
+        "x": [0.3, -0.4, 4.0], "w": 0.8, "feat": [0.2, 0.1],
+    }  # fmt: skip
+    cam, X, feat = (np.array(input[key]) for key in ("cam", "x", "feat"))
+    expected = _ba_residuals(cam, X, 0.8, feat)
+    out = ba.FUNCTIONS["objective"](client, input)
+    assert out["reproj_error"]["repeated"] == 5 and out["w_err"]["repeated"] == 5
+    assert_gradbench_close(out["reproj_error"]["elements"], expected[:2], "reproj_error")
+    assert_gradbench_close(out["w_err"]["element"], expected[2], "w_err")
+
+    matrix = ba.FUNCTIONS["jacobian"](client, input)
+    # 2 * 5 reprojection rows of 15 entries, then 5 weight rows of 1; only 30 entries and the last kept
+    assert matrix["rows"] == [15 * i for i in range(11)] + [150 + i for i in range(1, 6)] + [155]
+    cam_cols, point_cols, weight_col = list(range(11)), [22, 23, 24], 22 + 9  # observation 0
+    assert matrix["cols"][:30] == 2 * (cam_cols + point_cols + [weight_col])
+    assert matrix["cols"][-1] == 22 + 9 + 4  # the last weight's column
+    fd = _ba_block_fd(cam, X, 0.8, feat)
+    first_rows = np.concatenate([np.concatenate([fd["cam"][i], fd["X"][i], [fd["w"][i]]]) for i in range(2)])
+    assert_gradbench_close(matrix["vals"][:30], first_rows, "first two rows")
+    assert_gradbench_close(matrix["vals"][-1], fd["w"][2], "last weight row")
