@@ -47,7 +47,6 @@ def _build_parser() -> argparse.ArgumentParser:
 # package or tapeserve[cli]) has none of them.
 _SERVER_MODULES = ("uvicorn", "fastapi", "pydantic_settings", "orjson", "yaml", "prometheus_client", "redis")
 _WORKER_MODULES = ("tensorflow",)
-SERVER_EXTRA_HINT = "pip install 'tapeserve[server]'  (or 'tapeserve[gpu]' for the CUDA build)"
 
 
 def _missing_server_modules() -> list[str]:
@@ -55,12 +54,24 @@ def _missing_server_modules() -> list[str]:
     return [name for name in (*_SERVER_MODULES, *_WORKER_MODULES) if importlib.util.find_spec(name) is None]
 
 
+def server_extra_hint() -> str:
+    """How to add the server to this install: the README's install line for this version's wheel."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        wheel = f"dist/tapeserve-{version('tapeserve')}-py3-none-any.whl"
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        wheel = "tapeserve"
+    return f"pip install '{wheel}[server]'"
+
+
 def _serve(args: argparse.Namespace) -> int:
     missing = _missing_server_modules()
     if missing:
         print(
             f"tapeserve serve: the server is not installed here (missing: {', '.join(missing)}); "
-            f"install the server extra:\n  {SERVER_EXTRA_HINT}",
+            "install tapeserve with its server extra (CPU TensorFlow; [gpu] for the CUDA build):\n"
+            f"  {server_extra_hint()}",
             file=sys.stderr,
         )
         return EXIT_USAGE
