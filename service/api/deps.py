@@ -15,13 +15,12 @@ from starlette.responses import JSONResponse, Response
 
 from service.api import wire
 from service.api.batching import Batcher
+from service.api.offload import RequestWork, off_loop_if
 from service.api.problems import UnsupportedMediaType, as_tapeserve_error
 from service.api.settings import Settings
 from service.errors import TapeserveError
 
 __all__ = [
-    "OFFLOAD_BYTES",
-    "OFFLOAD_ELEMENTS",
     "BatcherDep",
     "GradientPool",
     "JSONRequest",
@@ -32,14 +31,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("tapeserve.api")
-
-# Where decoding and encoding tensors run. Up to this many body bytes, or tensor elements in a
-# request or response, they run on the event loop: at most ~3 ms of numpy work for JSON lists and
-# far less for base64, while a thread hop costs ~0.1-0.2 ms on every small request. Above, they run
-# in a thread, so the loop keeps answering.
-OFFLOAD_BYTES = 256 * 1024
-OFFLOAD_ELEMENTS = 32 * 1024
-
 
 class GradientPool(Protocol):
     """The part of service.workers.WorkerPool the API uses (tests substitute their own)."""
@@ -71,7 +62,9 @@ class JSONRequest(Request):
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = orjson.loads(await self.body())  # orjson.JSONDecodeError is a json.JSONDecodeError
+            body = await self.body()
+            # orjson.JSONDecodeError is a json.JSONDecodeError; a large body is parsed in a thread.
+            self._json = await off_loop_if(RequestWork(body_bytes=len(body)).costly, orjson.loads, body)
         return self._json
 
 

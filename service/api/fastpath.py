@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import wire
+from service.api.offload import RequestWork, off_loop_if
 from service.api.problems import as_tapeserve_error, problem_response
 
 __all__ = ["FastEndpoint", "FastPathMiddleware"]
@@ -87,7 +88,10 @@ class FastPathMiddleware:
             await self.app(scope, receive, send)
             return
         body, ended = await _read_body(receive)
-        parsed = _validate(endpoint.model, body) if ended else None
+        parsed = None
+        if ended:  # a large body is parsed and validated in a thread (service/api/offload.py)
+            costly = RequestWork(body_bytes=len(body)).costly
+            parsed = await off_loop_if(costly, _validate, endpoint.model, body)
         if parsed is None or (endpoint.accepts is not None and not endpoint.accepts(parsed)):
             await self.app(scope, _replay(body, ended, receive), send)
             return

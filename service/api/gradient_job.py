@@ -12,18 +12,37 @@ from typing import Any
 
 import numpy as np
 
+from service.api.offload import RequestWork, claimed_elements
 from service.api.schemas import GradientRequest
 from service.engine.jobs import GradientJob, GradientResult
 from service.errors import InvalidRequest, LimitExceeded, ShapeError
-from service.expr.program import check_program
+from service.expr.program import check_program, unchecked_chars
 from service.limits import Limits
 from service.tensorcodec import Encoding, decode_tensor, encode_tensor
 
-__all__ = ["build_gradient_job", "render_gradient_result"]
+__all__ = ["build_gradient_job", "render_gradient_result", "request_work"]
 
 
 def _unique(items: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
+
+
+def _functions(request: GradientRequest) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"params": list(spec.params), "body": spec.body, "gradient": spec.gradient}
+        for name, spec in request.functions.items()
+    }
+
+
+def request_work(request: GradientRequest, limits: Limits) -> RequestWork:
+    """What ``build_gradient_job`` will cost for this (parsed) request: decides where it runs."""
+    tensors = [*request.variables.values(), *request.constants.values(), *(request.tangents or {}).values()]
+    if request.cotangent is not None:
+        tensors.append(request.cotangent)
+    program = unchecked_chars(
+        request.expression, list(request.variables), list(request.constants), _functions(request), limits
+    )
+    return RequestWork(elements=claimed_elements(tensors), program_chars=program)
 
 
 def build_gradient_job(request: GradientRequest, limits: Limits) -> GradientJob:
@@ -38,10 +57,7 @@ def build_gradient_job(request: GradientRequest, limits: Limits) -> GradientJob:
             allowed=limits.max_order,
             field="order",
         )
-    functions = {
-        name: {"params": list(spec.params), "body": spec.body, "gradient": spec.gradient}
-        for name, spec in request.functions.items()
-    }
+    functions = _functions(request)
     # Text first: parsing is cheap and catches most mistakes (and all hostile text) before tensors are read.
     check_program(request.expression, variables_names, list(request.constants), functions, limits)
 

@@ -534,7 +534,7 @@ def _too_many_nodes(count: int, limits: Limits, where: str) -> LimitExceeded:
 _CHECKED_PROGRAMS = BoundedCache[tuple[Any, ...], bool](max_entries=1024, max_bytes=16 * 2**20)
 
 
-def check_program(
+def _check_key(
     expression: str,
     variables: Sequence[str],
     constants: Sequence[str] = (),
@@ -551,7 +551,37 @@ def check_program(
         )
         for name, spec in (functions or {}).items()
     )
-    key = (expression, tuple(variables), tuple(constants), frozen, limits or Limits())
+    return (expression, tuple(variables), tuple(constants), frozen, limits or Limits())
+
+
+def unchecked_chars(
+    expression: str,
+    variables: Sequence[str],
+    constants: Sequence[str] = (),
+    functions: Mapping[str, Mapping[str, Any]] | None = None,
+    limits: Limits | None = None,
+) -> int:
+    """How many characters ``check_program`` would parse: 0 for a program it has already passed.
+
+    The API uses it to decide, before checking, whether the check runs on the event loop.
+    """
+    try:
+        if _CHECKED_PROGRAMS.get(_check_key(expression, variables, constants, functions, limits)):
+            return 0
+    except (TypeError, ValueError):  # a malformed spec: counted as text like any other
+        pass
+    return _total_chars(expression, functions or {})
+
+
+def check_program(
+    expression: str,
+    variables: Sequence[str],
+    constants: Sequence[str] = (),
+    functions: Mapping[str, Mapping[str, Any]] | None = None,
+    limits: Limits | None = None,
+) -> None:
+    """``build_program`` for its errors alone, remembering programs that passed (errors are not cached)."""
+    key = _check_key(expression, variables, constants, functions, limits)
     try:
         if _CHECKED_PROGRAMS.get(key):
             return

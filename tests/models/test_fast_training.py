@@ -351,7 +351,7 @@ def test_run_train_step_is_a_plain_coroutine_without_a_request() -> None:
 def test_large_requests_decode_and_render_in_a_thread_with_the_same_result(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(model_routes, "OFFLOAD_ELEMENTS", 0)
+    monkeypatch.setattr(model_routes, "ON_LOOP_ELEMENTS", 0)
     request = TrainStepRequest.model_validate(body(WEIGHTS, None, "json"))
     content = asyncio.run(run_train_step(request, Settings(), InlinePool()))
     weights, _, _ = keras_steps(WEIGHTS, 1)

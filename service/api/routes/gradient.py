@@ -5,21 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter
 from starlette.datastructures import State
 
 from service.api.batching import Batcher
-from service.api.deps import (
-    OFFLOAD_BYTES,
-    OFFLOAD_ELEMENTS,
-    BatcherDep,
-    OrjsonResponse,
-    SettingsDep,
-    TapeserveRoute,
-)
+from service.api.deps import BatcherDep, OrjsonResponse, SettingsDep, TapeserveRoute
 from service.api.fastpath import FastEndpoint
-from service.api.gradient_job import build_gradient_job, render_gradient_result
+from service.api.gradient_job import build_gradient_job, render_gradient_result, request_work
+from service.api.offload import ON_LOOP_ELEMENTS, off_loop_if
 from service.api.schemas import GradientRequest, GradientResponse, Problem
 from service.api.settings import Settings
 from service.engine.jobs import GradientResult
@@ -50,9 +43,7 @@ def _result_elements(result: GradientResult) -> int:
     return total
 
 
-async def gradient_content(
-    body: GradientRequest, settings: Settings, batcher: Batcher, body_bytes: int
-) -> dict[str, Any]:
+async def gradient_content(body: GradientRequest, settings: Settings, batcher: Batcher) -> dict[str, Any]:
     """The response content for a validated request; the FastAPI route and the fast path both call it."""
     if body.timeout_s is not None and body.timeout_s > settings.request_timeout_s:
         raise InvalidRequest(
@@ -60,11 +51,7 @@ async def gradient_content(
             field="timeout_s",
         )
     limits = settings.limits()
-    large = body_bytes > OFFLOAD_BYTES
-    if large:
-        job = await run_in_threadpool(build_gradient_job, body, limits)
-    else:
-        job = build_gradient_job(body, limits)
+    job = await off_loop_if(request_work(body, limits).costly, build_gradient_job, body, limits)
     started = time.perf_counter()
     result = await batcher.run(
         job, timeout_s=body.timeout_s or settings.request_timeout_s, affinity=job.signature()
@@ -72,13 +59,12 @@ async def gradient_content(
     total_ms = (time.perf_counter() - started) * 1000.0
     if not isinstance(result, GradientResult):
         raise TapeserveError(f"the worker returned {type(result).__name__}, not a GradientResult")
-    if large or _result_elements(result) > OFFLOAD_ELEMENTS:
-        return await run_in_threadpool(render_gradient_result, result, job, body.encoding, total_ms)
-    return render_gradient_result(result, job, body.encoding, total_ms)
+    costly = _result_elements(result) > ON_LOOP_ELEMENTS
+    return await off_loop_if(costly, render_gradient_result, result, job, body.encoding, total_ms)
 
 
 async def _fast_gradient(body: GradientRequest, state: State, body_bytes: int) -> dict[str, Any]:
-    return await gradient_content(body, state.settings, state.batcher, body_bytes)
+    return await gradient_content(body, state.settings, state.batcher)
 
 
 # Served by service.api.fastpath on the hot path; the route below documents it and answers every
@@ -87,11 +73,10 @@ FAST_ENDPOINT = FastEndpoint(GradientRequest, _fast_gradient)
 
 
 async def compute_gradient(
-    body: GradientRequest, request: Request, batcher: BatcherDep, settings: SettingsDep
+    body: GradientRequest, batcher: BatcherDep, settings: SettingsDep
 ) -> OrjsonResponse:
     """Compute the value and the requested derivatives of an expression."""
-    size = int(request.headers.get("content-length") or 0)
-    return OrjsonResponse(await gradient_content(body, settings, batcher, size))
+    return OrjsonResponse(await gradient_content(body, settings, batcher))
 
 
 router.add_api_route(

@@ -14,7 +14,6 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.api.deps import (
-    OFFLOAD_ELEMENTS,
     GradientPool,
     OrjsonResponse,
     PoolDep,
@@ -43,6 +42,7 @@ from service.api.model_schemas import (
     TrainStepRequest,
     TrainStepResponse,
 )
+from service.api.offload import ON_LOOP_ELEMENTS
 from service.api.schemas import Problem
 from service.api.settings import Settings
 from service.engine.jobs import ModelGradientResult, TrainStepJob, TrainStepResult
@@ -191,7 +191,7 @@ async def run_model_gradient(
     """The JSON response content of a validated model-gradient request (route and fast path)."""
     timeout_s = check_timeout(body.timeout_s, settings)
     limits = settings.limits()
-    large = request_elements(body) > OFFLOAD_ELEMENTS
+    large = request_elements(body) > ON_LOOP_ELEMENTS
     if large:
         job = await run_in_threadpool(build_model_gradient_job, body, limits)
     else:
@@ -201,7 +201,7 @@ async def run_model_gradient(
         await pool.run(job, timeout_s=timeout_s, affinity=job.signature()), ModelGradientResult
     )
     total_ms = (time.perf_counter() - started) * 1000.0
-    if large or _gradient_elements(result) > OFFLOAD_ELEMENTS:
+    if large or _gradient_elements(result) > ON_LOOP_ELEMENTS:
         return await run_in_threadpool(render_model_gradient, result, body.encoding, total_ms)
     return render_model_gradient(result, body.encoding, total_ms)
 
@@ -233,7 +233,7 @@ async def run_train_step(body: TrainStepRequest, settings: Settings, pool: Gradi
     """
     timeout_s = check_timeout(body.timeout_s, settings)
     limits = settings.limits()
-    large = request_elements(body) > OFFLOAD_ELEMENTS
+    large = request_elements(body) > ON_LOOP_ELEMENTS
     job: TrainStepJob
     if large:
         job = await run_in_threadpool(build_train_step_job, body, limits)
@@ -243,7 +243,7 @@ async def run_train_step(body: TrainStepRequest, settings: Settings, pool: Gradi
     result = await pool.run(job, timeout_s=timeout_s, affinity=job.signature())
     checked: TrainStepResult = expect_result(result, TrainStepResult)
     total_ms = (time.perf_counter() - started) * 1000.0
-    if large or _result_elements(checked) > OFFLOAD_ELEMENTS:
+    if large or _result_elements(checked) > ON_LOOP_ELEMENTS:
         return await run_in_threadpool(render_train_step, [checked], body.encoding, total_ms, body.steps)
     return render_train_step([checked], body.encoding, total_ms, body.steps)
 

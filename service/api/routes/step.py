@@ -10,17 +10,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
 from starlette.responses import Response
 
-from service.api.deps import (
-    OFFLOAD_BYTES,
-    OFFLOAD_ELEMENTS,
-    GradientPool,
-    PoolDep,
-    SettingsDep,
-    TapeserveRoute,
-)
+from service.api.deps import GradientPool, PoolDep, SettingsDep, TapeserveRoute
 from service.api.fastpath import FastEndpoint
-from service.api.model_job import build_expression_step_job, render_expression_step
+from service.api.model_job import build_expression_step_job, expression_step_work, render_expression_step
 from service.api.model_schemas import ExpressionStepRequest, ExpressionStepResponse
+from service.api.offload import ON_LOOP_ELEMENTS, off_loop_if
 from service.api.routes.model import PROBLEMS, STREAM_RESPONSE, check_timeout, expect_result, run_steps
 from service.api.settings import Settings
 from service.engine.jobs import ExpressionStepResult
@@ -31,29 +25,26 @@ router = APIRouter(route_class=TapeserveRoute, tags=["gradient"])
 
 
 async def run_expression_step(
-    body: ExpressionStepRequest, settings: Settings, pool: GradientPool, *, large: bool
+    body: ExpressionStepRequest, settings: Settings, pool: GradientPool
 ) -> dict[str, Any]:
-    """The JSON content of a validated, unstreamed /v1/step request (fast path); ``large``: decode
-    and render in a thread."""
+    """The JSON content of a validated, unstreamed /v1/step request (fast path)."""
     timeout_s = check_timeout(body.timeout_s, settings)
     limits = settings.limits()
-    if large:
-        job = await run_in_threadpool(build_expression_step_job, body, limits)
-    else:
-        job = build_expression_step_job(body, limits)
+    costly = expression_step_work(body, limits).costly
+    job = await off_loop_if(costly, build_expression_step_job, body, limits)
     started = time.perf_counter()
     result: ExpressionStepResult = expect_result(
         await pool.run(job, timeout_s=timeout_s, affinity=job.signature()), ExpressionStepResult
     )
     total_ms = (time.perf_counter() - started) * 1000.0
     elements = sum(a.size for a in [*result.variables.values(), *result.optimizer_state])
-    if large or elements > OFFLOAD_ELEMENTS:
-        return await run_in_threadpool(render_expression_step, [result], body.encoding, total_ms, body.steps)
-    return render_expression_step([result], body.encoding, total_ms, body.steps)
+    return await off_loop_if(
+        elements > ON_LOOP_ELEMENTS, render_expression_step, [result], body.encoding, total_ms, body.steps
+    )
 
 
 async def _fast_step(body: ExpressionStepRequest, state: State, body_bytes: int) -> dict[str, Any]:
-    return await run_expression_step(body, state.settings, state.pool, large=body_bytes > OFFLOAD_BYTES)
+    return await run_expression_step(body, state.settings, state.pool)
 
 
 # Served by service.api.fastpath, except streams (the route writes those as NDJSON).

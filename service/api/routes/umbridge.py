@@ -20,11 +20,11 @@ import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.deps import OFFLOAD_BYTES, OrjsonResponse, PoolDep, SettingsDep
+from service.api.deps import OrjsonResponse, PoolDep, SettingsDep
+from service.api.offload import ON_LOOP_PROGRAM_CHARS, RequestWork, claimed_elements, off_loop_if
 from service.api.problems import PROBLEM_MEDIA_TYPE
 from service.api.settings import Settings
 from service.engine.jobs import GradientJob, GradientResult
@@ -54,6 +54,7 @@ from service.umbridge.spec import (
     FEATURES,
     GENERIC_MODEL,
     UMModel,
+    config_work,
     describe_error,
     model_from_config,
 )
@@ -87,8 +88,18 @@ async def _answer(request: Request, work: Callable[[], Awaitable[dict[str, Any]]
         )
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+class _Body:
+    """A parsed request body, and whether it was large (then its validation runs in a thread too)."""
+
+    def __init__(self, data: dict[str, Any], large: bool) -> None:
+        self.data = data
+        self.large = large
+
+    async def parse(self, schema: type[R]) -> R:
+        return await off_loop_if(self.large, _parse, schema, self.data)
+
+
+def _loads(raw: bytes) -> dict[str, Any]:
     try:
         data = orjson.loads(raw)  # strict RFC 8259: no NaN literals
     except orjson.JSONDecodeError as error:
@@ -96,6 +107,12 @@ async def _body(request: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UMBridgeError("InvalidInput", "the request body must be a JSON object")
     return data
+
+
+async def _body(request: Request) -> _Body:
+    raw = await request.body()
+    large = RequestWork(body_bytes=len(raw)).costly
+    return _Body(await off_loop_if(large, _loads, raw), large)
 
 
 def _models(request: Request) -> dict[str, UMModel]:
@@ -123,7 +140,13 @@ def _require(model: UMModel | None, feature: str) -> None:
         raise UMBridgeError("UnsupportedFeature", f"model {model.name!r} does not support {feature}")
 
 
-def _configured(model: UMModel | None, config: Any, settings: Settings) -> UMModel:
+async def _configured(model: UMModel | None, config: Any, settings: Settings, large: bool) -> UMModel:
+    """``_configure`` on the event loop when the config is cached or small, else in a thread."""
+    costly = large or (model is None and config_work(config, settings.limits()) > ON_LOOP_PROGRAM_CHARS)
+    return await off_loop_if(costly, _configure, model, config, settings)
+
+
+def _configure(model: UMModel | None, config: Any, settings: Settings) -> UMModel:
     """The model a request computes with: a named one (which takes no config) or the config's."""
     if model is None:
         try:
@@ -187,10 +210,10 @@ def _index(value: int, count: int, field: str, what: str, model: UMModel) -> int
     return value
 
 
-async def _prepare(request: Request, build: Callable[[], GradientJob]) -> GradientJob:
-    if int(request.headers.get("content-length") or 0) > OFFLOAD_BYTES:
-        return await run_in_threadpool(build)
-    return build()
+async def _prepare(body: UMEvaluateRequest, build: Callable[[], GradientJob]) -> GradientJob:
+    """``build`` (which decodes the request's vectors) in a thread when they are many."""
+    vectors = [*body.input, *(getattr(body, name) for name in ("sens", "vec") if hasattr(body, name))]
+    return await off_loop_if(RequestWork(elements=claimed_elements(vectors)).costly, build)
 
 
 async def _run(
@@ -224,9 +247,9 @@ async def model_info(request: Request, settings: SettingsDep) -> Response:
     """Which of Evaluate, Gradient, ApplyJacobian and ApplyHessian a model supports."""
 
     async def work() -> dict[str, Any]:
-        data = await _body(request)
-        model = _model(request, data, settings)
-        _parse(UMModelInfoRequest, data)
+        received = await _body(request)
+        model = _model(request, received.data, settings)
+        await received.parse(UMModelInfoRequest)
         support = dict.fromkeys(FEATURES, True) if model is None else dict(model.support)
         return {"support": support}
 
@@ -237,10 +260,11 @@ async def input_sizes(request: Request, settings: SettingsDep) -> Response:
     """The sizes of the model's input vectors (for `expression`: from its config)."""
 
     async def work() -> dict[str, Any]:
-        data = await _body(request)
-        model = _model(request, data, settings)
-        body = _parse(UMSizesRequest, data)
-        return {"inputSizes": list(_configured(model, body.config, settings).input_sizes)}
+        received = await _body(request)
+        model = _model(request, received.data, settings)
+        body = await received.parse(UMSizesRequest)
+        configured = await _configured(model, body.config, settings, received.large)
+        return {"inputSizes": list(configured.input_sizes)}
 
     return await _answer(request, work)
 
@@ -249,10 +273,11 @@ async def output_sizes(request: Request, settings: SettingsDep) -> Response:
     """The sizes of the model's output vectors (for `expression`: from its config)."""
 
     async def work() -> dict[str, Any]:
-        data = await _body(request)
-        model = _model(request, data, settings)
-        body = _parse(UMSizesRequest, data)
-        return {"outputSizes": list(_configured(model, body.config, settings).output_sizes)}
+        received = await _body(request)
+        model = _model(request, received.data, settings)
+        body = await received.parse(UMSizesRequest)
+        configured = await _configured(model, body.config, settings, received.large)
+        return {"outputSizes": list(configured.output_sizes)}
 
     return await _answer(request, work)
 
@@ -261,16 +286,16 @@ async def evaluate(request: Request, pool: PoolDep, settings: SettingsDep) -> Re
     """The model's outputs at the given inputs."""
 
     async def work() -> dict[str, Any]:
-        data = await _body(request)
-        named = _model(request, data, settings)
+        received = await _body(request)
+        named = _model(request, received.data, settings)
         _require(named, "Evaluate")
-        body = _parse(UMEvaluateRequest, data)
-        model = _configured(named, body.config, settings)
+        body = await received.parse(UMEvaluateRequest)
+        model = await _configured(named, body.config, settings, received.large)
 
         def build() -> GradientJob:
             return jobs.evaluate_job(model, _inputs(model, body.input, settings))
 
-        job = await _prepare(request, build)
+        job = await _prepare(body, build)
         result = await _run(job, model, "an output", pool, settings)
         value = np.asarray(result.value).reshape(-1)
         total = sum(model.output_sizes)
@@ -288,11 +313,11 @@ async def gradient(request: Request, pool: PoolDep, settings: SettingsDep) -> Re
     """J^T sens: the gradient of sens . F_outWrt with respect to input inWrt."""
 
     async def work() -> dict[str, Any]:
-        data = await _body(request)
-        named = _model(request, data, settings)
+        received = await _body(request)
+        named = _model(request, received.data, settings)
         _require(named, "Gradient")
-        body = _parse(UMGradientRequest, data)
-        model = _configured(named, body.config, settings)
+        body = await received.parse(UMGradientRequest)
+        model = await _configured(named, body.config, settings, received.large)
 
         def build() -> GradientJob:
             inputs = _inputs(model, body.input, settings)
@@ -301,7 +326,7 @@ async def gradient(request: Request, pool: PoolDep, settings: SettingsDep) -> Re
             sens = _vector(body.sens, model.output_sizes[out], "sens", f"output {out}", settings)
             return jobs.gradient_job(model, out, inp, inputs, sens)
 
-        job = await _prepare(request, build)
+        job = await _prepare(body, build)
         result = await _run(job, model, f"output {body.outWrt}", pool, settings)
         name = model.input_names[body.inWrt]
         size = model.input_sizes[body.inWrt]
@@ -314,11 +339,11 @@ async def apply_jacobian(request: Request, pool: PoolDep, settings: SettingsDep)
     """J vec: the Jacobian of output outWrt with respect to input inWrt, applied to vec."""
 
     async def work() -> dict[str, Any]:
-        data = await _body(request)
-        named = _model(request, data, settings)
+        received = await _body(request)
+        named = _model(request, received.data, settings)
         _require(named, "ApplyJacobian")
-        body = _parse(UMApplyJacobianRequest, data)
-        model = _configured(named, body.config, settings)
+        body = await received.parse(UMApplyJacobianRequest)
+        model = await _configured(named, body.config, settings, received.large)
 
         def build() -> GradientJob:
             inputs = _inputs(model, body.input, settings)
@@ -327,7 +352,7 @@ async def apply_jacobian(request: Request, pool: PoolDep, settings: SettingsDep)
             vec = _vector(body.vec, model.input_sizes[inp], "vec", f"input {inp}", settings)
             return jobs.jacobian_action_job(model, out, inp, inputs, vec)
 
-        job = await _prepare(request, build)
+        job = await _prepare(body, build)
         result = await _run(job, model, f"output {body.outWrt}", pool, settings)
         size = model.output_sizes[body.outWrt]
         return {"output": _vector_out(result.jvp, size, "the Jacobian action", model)}
@@ -339,11 +364,11 @@ async def apply_hessian(request: Request, pool: PoolDep, settings: SettingsDep) 
     """The Hessian of sens . F_outWrt, block (inWrt1, inWrt2), applied to vec."""
 
     async def work() -> dict[str, Any]:
-        data = await _body(request)
-        named = _model(request, data, settings)
+        received = await _body(request)
+        named = _model(request, received.data, settings)
         _require(named, "ApplyHessian")
-        body = _parse(UMApplyHessianRequest, data)
-        model = _configured(named, body.config, settings)
+        body = await received.parse(UMApplyHessianRequest)
+        model = await _configured(named, body.config, settings, received.large)
 
         def build() -> GradientJob:
             inputs = _inputs(model, body.input, settings)
@@ -354,7 +379,7 @@ async def apply_hessian(request: Request, pool: PoolDep, settings: SettingsDep) 
             vec = _vector(body.vec, model.input_sizes[second], "vec", f"input {second}", settings)
             return jobs.hessian_action_job(model, out, first, second, inputs, sens, vec)
 
-        job = await _prepare(request, build)
+        job = await _prepare(body, build)
         result = await _run(job, model, f"output {body.outWrt}", pool, settings)
         name = model.input_names[body.inWrt1]
         size = model.input_sizes[body.inWrt1]
