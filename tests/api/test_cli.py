@@ -37,7 +37,7 @@ def test_invalid_configuration_exits_2_without_starting() -> None:
 def test_serve_without_the_server_extra_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # As in a client-only install: the server's modules are not found (tests/packaging does it for real).
+    # As in a client-only install: the server's modules are not found (tests/distribution does it for real).
     import importlib.util
 
     from service import cli
