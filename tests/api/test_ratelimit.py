@@ -61,7 +61,7 @@ def test_a_bucket_spends_its_burst_then_names_the_wait(store: str) -> None:
 
 
 def test_buckets_are_per_key_and_expire_once_full_again(store: str) -> None:
-    async def run() -> tuple[list[float], list[bytes], int]:
+    async def run() -> tuple[list[float], list[bytes | str], int]:
         limiter = RedisLimiter(store, rate=0.5, burst=2)
         try:
             waits = [await limiter.take(b"a") for _ in range(3)] + [await limiter.take(b"b")]

@@ -3,18 +3,23 @@ redis-server, one client alternating between them, all on loopback.
 
 The limit holds for the sum (burst B: exactly B requests pass over both replicas), and X-Forwarded-For
 names the client only when the peer is the trusted balancer address (127.0.0.1 here; a client
-connecting from 127.0.0.2 is not trusted, so its header is ignored).
+connecting from 127.0.0.2 is not trusted, so its header is ignored). Last, the same through Debian's
+nginx running the repo's config: each client behind it has its own bucket, shared by both replicas.
 """
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import LiveServer, start_server, stop_server
+from tests.deploy.support import nginx_binary, start_nginx
 from tests.redisserver import RedisServer, start_redis
 
 BURST = 4
@@ -101,3 +106,43 @@ def test_forwarded_for_names_the_client_only_from_the_trusted_address(replicas: 
     assert statuses == [200] * BURST + [429] * BURST, statuses
     # Those addresses' buckets were never touched: through the trusted address each still has its burst.
     assert _alternate(replicas, TRUSTED, spoofed[-1], 1)[0].status_code == 200
+
+
+def test_behind_nginx_each_client_has_one_bucket_over_both_replicas(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    nginx_binary()  # skips when nginx is missing
+    # nginx's workers run as an unprivileged user: they must be able to reach the prefix.
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    for path in (prefix, *prefix.parents):
+        if path in (Path("/tmp"), Path("/")):
+            break
+        path.chmod(path.stat().st_mode | 0o011)
+    nginx = start_nginx(
+        prefix, [s.url.removeprefix("http://") for s in replicas.servers], max_body_bytes=1 << 20
+    )
+    try:
+        statuses = {}
+        # Clients on fresh addresses; nginx (127.0.0.1, trusted) appends each one's address to the
+        # X-Forwarded-For it was sent, so a made-up entry to its left changes nothing.
+        for client_address in ("127.0.0.3", "127.0.0.4"):
+            with _client(client_address) as client:
+                statuses[client_address] = [
+                    client.get(
+                        f"{nginx.url}/v1/functions", headers={"X-Forwarded-For": f"198.51.100.{100 + i}"}
+                    ).status_code
+                    for i in range(2 * BURST)
+                ]
+        lines = [line for line in nginx.access_lines() if "/v1/functions" in line]
+    finally:
+        nginx.stop()
+    for address, seen in statuses.items():
+        assert seen == [200] * BURST + [429] * BURST, (address, seen)
+    # nginx spread the requests over both replicas, so the buckets were shared, not per replica.
+    upstreams: Counter[str] = Counter()
+    for line in lines:
+        match = re.search(r'upstream="([^"]*)"', line)
+        assert match, line
+        upstreams[match[1]] += 1
+    assert set(upstreams) == {s.url.removeprefix("http://") for s in replicas.servers}, upstreams
