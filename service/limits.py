@@ -8,6 +8,26 @@ from dataclasses import dataclass
 # (the hop to a worker alone can take this long on a loaded machine), so it is refused as a 422.
 MIN_TIMEOUT_S = 0.1
 
+# What one input element may cost a worker at most, bytes: the float64 input, its copy in the traced
+# call, its gradient and a typical program's intermediates of the input's size, 16 float64 copies
+# in all. A maximal input then takes at most the worker's whole ceiling, not more.
+BYTES_PER_INPUT_ELEMENT = 128
+# Never below the flat limit the service started with: a small ceiling must not refuse what a
+# laptop-sized request always could send.
+MIN_DERIVED_INPUT_ELEMENTS = 1_000_000
+
+
+def input_elements_for(memory_limit_mb: int | None, max_tensor_elements: int, fallback: int) -> int:
+    """The per-input element limit that follows a worker's memory ceiling (MiB; None: off/unknown).
+
+    The ceiling divided by what an element may cost, between 1,000,000 and the intermediate-tensor
+    limit (an input is a tensor too); ``fallback`` (capped likewise) when there is no ceiling.
+    """
+    if memory_limit_mb is None:
+        return min(fallback, max_tensor_elements)
+    derived = memory_limit_mb * 2**20 // BYTES_PER_INPUT_ELEMENT
+    return min(max_tensor_elements, max(MIN_DERIVED_INPUT_ELEMENTS, derived))
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -22,8 +42,10 @@ class Limits:
     max_nesting_depth: int = 100
     # Graph size after inlining user functions; bounds tracing time (~tens of ms per 1,000 ops).
     max_syntax_nodes: int = 10_000
-    # One input tensor: 1M elements is 8 MB in float64.
-    max_input_elements: int = 1_000_000
+    # One input tensor. The server derives it from the worker memory ceiling when it is not set
+    # (input_elements_for below); this is the value when the ceiling is off or unknown: 2M elements
+    # is 16 MB in float64 (GradBench's largest lse input, 1.28M, fits).
+    max_input_elements: int = 2_000_000
     # Any intermediate or output tensor, checked from static shapes before anything runs (80 MB f64).
     max_tensor_elements: int = 10_000_000
     # Numeric literals: beyond float64's range a literal is a typo or an attack, not a value.

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.limits import Limits
+from service.limits import Limits, input_elements_for
 
 if TYPE_CHECKING:
     from service.workers import PoolConfig
@@ -181,8 +181,12 @@ class Settings(BaseSettings):
             "while parsing, which stops at the limit."
         ),
     )
-    max_input_elements: int = Field(
-        _DEFAULT_LIMITS.max_input_elements, ge=1, description="Most elements in one input tensor."
+    # None: follows the worker memory ceiling (service/limits.py input_elements_for).
+    max_input_elements: int | None = Field(
+        None,
+        ge=1,
+        description="Most elements in one input tensor (unset: the worker memory ceiling / 128 bytes, "
+        "between 1,000,000 and max_tensor_elements; 2,000,000 when the ceiling is off).",
     )
     max_tensor_elements: int = Field(
         _DEFAULT_LIMITS.max_tensor_elements,
@@ -306,7 +310,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.max_input_elements > self.max_tensor_elements:
+        if self.max_input_elements is not None and self.max_input_elements > self.max_tensor_elements:
             raise ValueError("max_input_elements may not exceed max_tensor_elements (inputs are tensors too)")
         return self
 
@@ -316,7 +320,22 @@ class Settings(BaseSettings):
 
     @functools.cached_property
     def request_limits(self) -> Limits:
-        return Limits(**{name: getattr(self, name) for name in LIMIT_FIELDS})
+        values = {name: getattr(self, name) for name in LIMIT_FIELDS}
+        if self.max_input_elements is None:
+            values["max_input_elements"] = input_elements_for(
+                self.worker_memory_limit_mb(), self.max_tensor_elements, _DEFAULT_LIMITS.max_input_elements
+            )
+        return Limits(**values)
+
+    def worker_memory_limit_mb(self) -> int | None:
+        """Each worker's memory ceiling, MiB (None: off or unknown), as the pool will hold it."""
+        from service.workers import resolve_devices, visible_gpus, worker_memory_ceiling
+
+        try:
+            workers = len(resolve_devices(self.workers, self.devices, visible_gpus(), os.cpu_count() or 1))
+        except ValueError:  # devices that are not there: pool_config() refuses them at start-up
+            workers = self.workers or 1
+        return worker_memory_ceiling(self.worker_memory_mb, workers)
 
     def pool_config(self) -> PoolConfig:
         """The worker pool's configuration, with one device resolved per worker."""

@@ -13,7 +13,9 @@ from service.limits import Limits
 
 def test_every_limit_is_a_setting_with_the_same_default() -> None:
     settings = Settings()
-    assert settings.limits() == Limits()
+    # every default but the per-input element limit, which follows the memory ceiling (below)
+    derived = settings.limits().max_input_elements
+    assert settings.limits() == dataclasses.replace(Limits(), max_input_elements=derived)
     assert set(LIMIT_FIELDS) <= set(Settings.model_fields)
     assert {f.name for f in dataclasses.fields(Limits)} == set(LIMIT_FIELDS)
 
@@ -55,7 +57,7 @@ def test_pool_config_cpu_only() -> None:
     assert config.devices == ("cpu", "cpu")
     assert config.queue_size == 7
     assert config.default_timeout_s == 12.5
-    assert config.limits == Limits()
+    assert config.limits == dataclasses.replace(Limits(), max_input_elements=config.limits.max_input_elements)
 
 
 def test_worker_isolation_defaults_are_on_and_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -78,3 +80,28 @@ def test_pool_config_refuses_invisible_gpu(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     with pytest.raises(ValueError, match="not visible"):
         Settings(devices="7").pool_config()
+
+
+def test_input_element_limit_follows_the_worker_memory_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.workers import config as pool_config
+
+    # 8 GiB for two workers: a ceiling of (8192 * 0.75 - 512) / 2 = 2816 MiB, / 128 bytes an element
+    monkeypatch.setattr(pool_config, "memory_available_mb", lambda: 8192)
+    roomy = Settings(workers=2, devices="cpu", max_tensor_elements=50_000_000)
+    assert roomy.limits().max_input_elements == 2816 * 2**20 // 128 == 23_068_672
+    # ... capped by the intermediate-tensor limit (an input is a tensor too), 10M by default
+    assert Settings(workers=2, devices="cpu").limits().max_input_elements == 10_000_000
+    # four workers share the memory: the ceiling and the limit shrink with them
+    quarter = Settings(workers=4, devices="cpu", max_tensor_elements=50_000_000)
+    assert quarter.limits().max_input_elements == 1408 * 2**20 // 128
+    # the smallest ceiling a worker may have (256 MiB) still takes 2**21; no ceiling (0: off) 2M
+    assert Settings(workers=1, devices="cpu", worker_memory_mb=256).limits().max_input_elements == 2**21
+    assert Settings(workers=1, devices="cpu", worker_memory_mb=0).limits().max_input_elements == 2_000_000
+    # set explicitly, it is what it says, whatever the memory
+    assert Settings(workers=2, devices="cpu", max_input_elements=1234).limits().max_input_elements == 1234
+    # the workers are given the same limit the API checks
+    assert Settings(workers=2, devices="cpu").pool_config().limits.max_input_elements == 10_000_000
+
+
+def test_gradbench_lse_largest_input_passes_by_default() -> None:
+    assert Settings().limits().max_input_elements >= 1_280_000

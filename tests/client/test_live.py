@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import service.client as ts
+from service.api.settings import Settings
 from tests.conftest import LiveServer
 from tests.tolerances import (
     CLOSED_FORM,
@@ -199,6 +200,13 @@ def test_parse_error_with_caret(client: ts.Client) -> None:
     assert error.snippet is not None and error.snippet.splitlines()[1].index("^") == 7
 
 
+# The live server's per-input limit (one worker, this environment: it follows the memory ceiling).
+# One element more, as booleans: the count is refused before the dtype, and 1 byte per element keeps
+# the body under the body limit however large the derived limit is (at most max_tensor_elements).
+_INPUT_LIMIT = Settings(workers=1).limits().max_input_elements
+_OVER_LIMIT = np.ones(_INPUT_LIMIT + 1, dtype=bool)
+
+
 @pytest.mark.parametrize(
     ("call", "cls", "field"),
     [
@@ -207,7 +215,7 @@ def test_parse_error_with_caret(client: ts.Client) -> None:
         (lambda c: c.hvp("sum(x**3)", tangents={"x": [1.0]}, x=[1.0, 2.0]), ts.ShapeError, "tangents.x"),
         (lambda c: c.hessian("x * 2", x=[1.0, 2.0]), ts.InvalidRequest, None),
         (lambda c: c.derivative("sum(x)", order=9, x=[1.0]), ts.LimitExceeded, None),
-        (lambda c: c.gradient("sum(x)", x=np.ones(1_000_001)), ts.LimitExceeded, "variables.x"),
+        (lambda c: c.gradient("sum(x)", x=_OVER_LIMIT), ts.LimitExceeded, "variables.x"),
         (lambda c: c.gradient("sum(inv(A))", A=[[1.0, 1.0], [1.0, 1.0]]), ts.EvaluationError, None),
     ],
 )
@@ -222,8 +230,8 @@ def test_errors_map_to_their_classes(client: ts.Client, call: object, cls: type,
 
 def test_limit_exceeded_carries_the_limit(client: ts.Client) -> None:
     with pytest.raises(ts.LimitExceeded) as caught:
-        client.gradient("sum(x)", x=np.ones(1_000_001))
-    assert caught.value.limit == "max_input_elements" and caught.value.allowed == 1_000_000
+        client.gradient("sum(x)", x=_OVER_LIMIT)
+    assert caught.value.limit == "max_input_elements" and caught.value.allowed == _INPUT_LIMIT
 
 
 def test_payload_too_large_and_not_found(ready_server: LiveServer) -> None:

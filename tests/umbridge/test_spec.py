@@ -107,7 +107,7 @@ def test_json_models_file_and_support_flags(tmp_path: Path) -> None:
         ({"outputs": []}, "models[0].outputs: "),
         ({"inputs": [{"name": "x", "size": "2"}]}, "models[0].inputs[0].size: "),
         ({"inputs": [{"name": "sum", "size": 2}]}, "would hide the built-in"),
-        ({"inputs": [{"name": "x", "size": 2_000_000}]}, "max_input_elements"),
+        ({"inputs": [{"name": "x", "size": 2_000_001}]}, "max_input_elements"),
         ({"constants": {"c": "abc"}}, "models[0].constants.c contains the string 'abc'"),
         ({"name": GENERIC_MODEL}, "the generic model's name"),
         ({"colour": "red"}, "models[0].colour: Extra inputs are not permitted"),
