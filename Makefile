@@ -22,7 +22,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-server
 	$(BIN)/tapeserve serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-test /usr/bin/chromium /usr/sbin/nginx /usr/bin/redis-server
+test: $(VENV)/.installed-test /usr/bin/chromium /usr/sbin/nginx /usr/sbin/haproxy /usr/bin/redis-server
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
@@ -59,6 +59,10 @@ docs: openapi
 # Debian's redis-server is the shared rate-limit store in tests (started on a free loopback port).
 /usr/bin/redis-server:
 	command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server; }
+
+# Debian's haproxy runs the repo's load-balancer config (docker-compose's) in tests/deploy.
+/usr/sbin/haproxy:
+	command -v haproxy >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; }
 
 # wrk (Debian) drives the throughput workloads.
 /usr/bin/wrk:

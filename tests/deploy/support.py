@@ -1,16 +1,21 @@
-"""Helpers for the deployment tests: the repo's deployment files, the validators' binaries, and
-nginx running deploy/nginx/nginx.conf.template on loopback (the compose topology without containers)."""
+"""Helpers for the deployment tests: the repo's deployment files, the validators' binaries, nginx
+running deploy/nginx/nginx.conf.template and HAProxy running deploy/haproxy/haproxy.cfg on loopback
+(the compose topology without containers), and stand-in replicas for the balancer tests."""
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import io
+import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,9 @@ DEPLOY = ROOT / "deploy"
 NGINX_TEMPLATE = DEPLOY / "nginx" / "nginx.conf.template"
 COMPOSE_UPSTREAMS = DEPLOY / "nginx" / "upstreams.conf"
 KUBERNETES = DEPLOY / "kubernetes"
+HAPROXY_CONFIG = DEPLOY / "haproxy" / "haproxy.cfg"
+COMPOSE_REPLICAS = DEPLOY / "haproxy" / "replicas.cfg"
+STANDIN = Path(__file__).with_name("standin.py")
 
 # ${NAME} as envsubst (and the nginx image's template step) substitutes it.
 _TEMPLATE_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -140,3 +148,159 @@ def start_nginx(prefix: Path, upstreams: Iterable[str], *, max_body_bytes: int) 
             time.sleep(0.1)
     nginx.stop()
     raise RuntimeError(f"nginx did not answer within 30 s:\n{error_log.read_text()}")
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or next(
+        (p for p in ("/usr/sbin/haproxy", "/usr/local/sbin/haproxy") if Path(p).exists()), None
+    )
+    if found is None:
+        pytest.skip("haproxy is not installed (`make test` installs it: apt-get install haproxy)")
+    return found
+
+
+def haproxy_series() -> str:
+    """The major.minor of the haproxy the tests run (`haproxy -v`: "HAProxy version 2.6.12-1 ...")."""
+    out = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True, timeout=30).stdout
+    match = re.search(r"version (\d+\.\d+)\.", out)
+    assert match, out
+    return match[1]
+
+
+def wait_for(condition: Callable[[], bool], what: str, ceiling_s: float = 60.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``ceiling_s`` (a ceiling, not an expectation)."""
+    deadline = time.monotonic() + ceiling_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{what}: not within {ceiling_s} s")
+
+
+@dataclass
+class HAProxy:
+    """haproxy with the repo's config in the foreground; its log (stdout) in a file, and its runtime
+    API on a Unix socket that only the tests add."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    socket_path: Path
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()
+
+    def command(self, line: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10.0)
+            sock.connect(str(self.socket_path))
+            sock.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def server_states(self, backend: str = "replicas") -> dict[str, str]:
+        """Each server's status as HAProxy sees it: UP, DOWN, "UP 1/2" (going down), ..."""
+        text = self.command("show stat").lstrip("# ")
+        rows = csv.DictReader(io.StringIO(text))
+        return {
+            row["svname"]: row["status"]
+            for row in rows
+            if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")
+        }
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGUSR1)  # soft stop: finish open requests, then exit
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_haproxy(prefix: Path, servers: Mapping[str, str]) -> HAProxy:
+    """Start haproxy on deploy/haproxy/haproxy.cfg as it is in the repo, with ``servers`` (name ->
+    host:port) in place of compose's DNS-discovered replicas."""
+    binary = haproxy_binary()
+    prefix.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    replicas = prefix / "replicas.cfg"
+    replicas.write_text(
+        "backend replicas\n" + "".join(f"    server {name} {address}\n" for name, address in servers.items())
+    )
+    socket_path = prefix / "admin.sock"
+    runtime_api = prefix / "runtime-api.cfg"
+    runtime_api.write_text(f"global\n    stats socket {socket_path} mode 600 level admin\n")
+    command = [binary, "-db", "-f", str(HAPROXY_CONFIG), "-f", str(replicas), "-f", str(runtime_api)]
+    env = {**os.environ, "BALANCER_LISTEN": f"127.0.0.1:{port}"}
+    # -dW: a warning is an error, so the repo's config stays free of anything HAProxy frowns on.
+    check = subprocess.run([*command, "-c", "-dW"], capture_output=True, text=True, timeout=30, env=env)
+    assert check.returncode == 0, f"haproxy -c failed:\n{check.stdout}{check.stderr}"
+    log_path = prefix / "haproxy.log"
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    haproxy = HAProxy(process, f"http://127.0.0.1:{port}", log_path, socket_path)
+
+    def answering() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"haproxy exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            haproxy.server_states()
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_for(answering, "haproxy's runtime API answers", ceiling_s=30.0)
+    except BaseException:
+        haproxy.stop()
+        raise
+    return haproxy
+
+
+@dataclass
+class StandIn:
+    """tests/deploy/standin.py in a subprocess: a replica whose readiness the test sets."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+
+    @property
+    def address(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def requests(self) -> int:
+        """Requests it answered other than /readyz and this control."""
+        return int(httpx.get(f"{self.url}/_standin/count", timeout=10.0).json()["requests"])
+
+    def set_ready(self, ready: bool) -> None:
+        response = httpx.put(f"{self.url}/_standin/ready", content=b"1" if ready else b"0", timeout=10.0)
+        assert response.json() == {"ready": ready}
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def start_standin(name: str, *, ready: bool) -> StandIn:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(STANDIN), str(port), name, "ready" if ready else "starting"],
+        stdout=subprocess.DEVNULL,
+    )
+    standin = StandIn(process, f"http://127.0.0.1:{port}")
+
+    def answering() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"stand-in {name} exited with {process.returncode}")
+        try:
+            standin.requests()
+            return True
+        except httpx.TransportError:
+            return False
+
+    wait_for(answering, f"stand-in {name} answers", ceiling_s=60.0)
+    return standin
