@@ -14,12 +14,17 @@ from typing import Any
 
 import pytest
 
+from scripts.compose_gpus import MAX_REPLICAS
+from scripts.compose_gpus import main as compose_gpus
 from service.api.settings import Settings
 from tests.conftest import ROOT
 from tests.deploy.support import (
+    COMPOSE_REPLICAS,
     COMPOSE_UPSTREAMS,
+    HAPROXY_CONFIG,
     NGINX_TEMPLATE,
     compose_binary,
+    haproxy_series,
     template_variables,
 )
 
@@ -76,26 +81,134 @@ def test_compose_rejects_what_is_not_compose(tmp_path: Path) -> None:
     assert result.returncode != 0 and "replicas" in result.stderr
 
 
-def test_gpu_replicas_behind_nginx(gpu: dict[str, Any]) -> None:
-    tapeserve, nginx = gpu["services"]["tapeserve"], gpu["services"]["nginx"]
+def test_one_gpu_replica_behind_haproxy(gpu: dict[str, Any]) -> None:
+    tapeserve, haproxy = gpu["services"]["tapeserve"], gpu["services"]["haproxy"]
     assert tapeserve["build"]["target"] == "gpu"
-    assert tapeserve["deploy"]["replicas"] == 2
+    assert tapeserve["deploy"]["replicas"] == 1
     devices = tapeserve["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert tapeserve["restart"] == nginx["restart"] == "unless-stopped"
-    assert "ports" not in tapeserve, "replicas are reached through nginx only"
+    assert devices == [{"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}]
+    assert tapeserve["restart"] == haproxy["restart"] == "unless-stopped"
+    assert "ports" not in tapeserve, "replicas are reached through HAProxy only"
     assert tapeserve["expose"] == ["8000"]
-    assert nginx["depends_on"]["tapeserve"]["condition"] == "service_healthy"
-    assert [p["target"] for p in nginx["ports"]] == [int(nginx["environment"]["NGINX_LISTEN"])]
+    assert haproxy["depends_on"]["tapeserve"]["condition"] == "service_started"
+    listen = haproxy["environment"]["BALANCER_LISTEN"]
+    assert [p["target"] for p in haproxy["ports"]] == [int(listen.rpartition(":")[2])]
     health = " ".join(tapeserve["healthcheck"]["test"])
     assert "http://127.0.0.1:8000/healthz" in health
+    # TAPESERVE_REPLICAS is the CPU variant's: GPU replicas are services (scripts/compose_gpus.py).
+    model = _model(BASE, env={"TAPESERVE_REPLICAS": "4"})
+    assert model["services"]["tapeserve"]["deploy"]["replicas"] == 1
 
 
-def test_replicas_and_gpus_come_from_the_environment() -> None:
-    model = _model(BASE, env={"TAPESERVE_REPLICAS": "4", "TAPESERVE_GPUS_PER_REPLICA": "2"})
-    deploy = model["services"]["tapeserve"]["deploy"]
-    assert deploy["replicas"] == 4
-    assert deploy["resources"]["reservations"]["devices"][0]["count"] == 2
+def _gpu_services(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The replicas of a merged model: every service built from the gpu target."""
+    return {
+        name: service
+        for name, service in model["services"].items()
+        if service.get("build", {}).get("target") == "gpu"
+    }
+
+
+def _generated(tmp_path: Path, *args: str) -> Path:
+    output = tmp_path / "docker-compose.gpus.yml"
+    assert compose_gpus([*args, "--output", str(output)]) == 0
+    return output
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+def test_each_gpu_replica_reserves_its_own_gpu(tmp_path: Path, gpus: int) -> None:
+    model = _model(BASE, _generated(tmp_path, "--gpus", str(gpus)))
+    replicas = _gpu_services(model)
+    assert len(replicas) == gpus and "tapeserve" in replicas
+    reserved: list[str] = []
+    base = model["services"]["tapeserve"]
+    for name, service in replicas.items():
+        assert service["deploy"]["replicas"] == 1, name
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"], device
+        assert "count" not in device, "a count gives every container the same GPUs"
+        assert len(device["device_ids"]) == 1
+        reserved += device["device_ids"]
+        # Otherwise the same replica: settings, mounts, image, grace period, restart policy.
+        for key in ("environment", "volumes", "image", "stop_grace_period", "restart", "expose", "init"):
+            assert service[key] == base[key], (name, key)
+        # Found by HAProxy under the one name its replicas.cfg resolves.
+        aliases = (service.get("networks", {}).get("default") or {}).get("aliases", [])
+        assert name == "tapeserve" or "tapeserve" in aliases, name
+    assert sorted(reserved, key=int) == [str(i) for i in range(gpus)]
+    assert set(model["services"]) == set(replicas) | {"haproxy"}
+
+
+def test_workers_per_gpu_and_gpus_per_replica(tmp_path: Path) -> None:
+    model = _model(
+        BASE, _generated(tmp_path, "--gpus", "4", "--gpus-per-replica", "2", "--workers-per-gpu", "3")
+    )
+    replicas = _gpu_services(model)
+    groups = {
+        name: s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
+        for name, s in replicas.items()
+    }
+    assert groups == {"tapeserve": ["0", "1"], "tapeserve-gpu2-3": ["2", "3"]}
+    # Two GPUs seen inside each container, three workers dealt to each.
+    assert {s["environment"]["TAPESERVE_WORKERS"] for s in replicas.values()} == {"6"}
+    model = _model(BASE, _generated(tmp_path, "--devices", "1,3", "--workers-per-gpu", "2"))
+    replicas = _gpu_services(model)
+    ids = sorted(
+        s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"][0] for s in replicas.values()
+    )
+    assert ids == ["1", "3"]
+    assert {s["environment"]["TAPESERVE_WORKERS"] for s in replicas.values()} == {"2"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--devices", "0,1,0"],  # one GPU for two replicas: the bug this file exists for
+        ["--gpus", "0"],
+        ["--gpus", "3", "--gpus-per-replica", "2"],
+        ["--gpus", str(MAX_REPLICAS + 1)],
+        ["--devices", "0,x"],
+        ["--gpus", "2", "--workers-per-gpu", "0"],
+    ],
+)
+def test_the_generator_refuses_what_would_not_work(tmp_path: Path, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        compose_gpus([*args, "--output", str(tmp_path / "out.yml")])
+    assert exit_.value.code == 2
+    assert not (tmp_path / "out.yml").exists()
+
+
+def test_haproxy_runs_the_repos_config(gpu: dict[str, Any]) -> None:
+    haproxy = gpu["services"]["haproxy"]
+    mounts = {Path(v["source"]): v for v in haproxy["volumes"]}
+    mount = mounts[HAPROXY_CONFIG.parent]
+    assert mount["read_only"]
+    # The command loads both files from the mounted directory, haproxy.cfg first.
+    command = haproxy["command"]
+    files = [command[i + 1] for i, arg in enumerate(command) if arg == "-f"]
+    assert files == [f"{mount['target']}/{HAPROXY_CONFIG.name}", f"{mount['target']}/{COMPOSE_REPLICAS.name}"]
+    # The environment gives every variable the config uses.
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", HAPROXY_CONFIG.read_text()))
+    assert used and used <= set(haproxy["environment"])
+    # The image is the series the tests run (tests/deploy/test_haproxy_topology.py).
+    image = re.fullmatch(r"haproxy:(\d+\.\d+)(?:\.\d+)?-alpine", haproxy["image"])
+    assert image, haproxy["image"]
+    assert image[1] == haproxy_series()
+
+
+def test_haproxy_resolves_every_replica(tmp_path: Path) -> None:
+    text = COMPOSE_REPLICAS.read_text()
+    template = re.search(r"^\s*server-template\s+\S+\s+1-(\d+)\s+(\S+):(\d+)\s+([^\n]*)$", text, re.M)
+    assert template, text
+    slots, host, port, parameters = int(template[1]), template[2], template[3], template[4].split()
+    assert slots == MAX_REPLICAS, "scripts/compose_gpus.py refuses more replicas than there are slots"
+    assert "resolvers" in parameters and "init-addr" in parameters
+    for model in (_model(BASE), _model(BASE, CPU), _model(BASE, _generated(tmp_path, "--gpus", "4"))):
+        for name, service in model["services"].items():
+            if name == "haproxy":
+                continue
+            aliases = (service.get("networks", {}).get("default") or {}).get("aliases", [])
+            assert host in (name, *aliases) and service["expose"] == [port], name
 
 
 def test_cpu_variant_drops_the_gpu(cpu: dict[str, Any]) -> None:
@@ -104,7 +217,9 @@ def test_cpu_variant_drops_the_gpu(cpu: dict[str, Any]) -> None:
     assert "devices" not in tapeserve["deploy"].get("resources", {}).get("reservations", {})
     assert tapeserve["environment"]["TAPESERVE_DEVICES"] == "cpu"
     assert tapeserve["deploy"]["replicas"] == 2
-    assert set(cpu["services"]) == {"tapeserve", "nginx"}
+    assert set(cpu["services"]) == {"tapeserve", "haproxy"}
+    changed = _model(BASE, CPU, env={"TAPESERVE_REPLICAS": "4"})
+    assert changed["services"]["tapeserve"]["deploy"]["replicas"] == 4
 
 
 def test_every_setting_passes_through_and_the_defaults_are_valid(
@@ -141,24 +256,6 @@ def test_stop_grace_covers_the_graceful_shutdown(gpu: dict[str, Any]) -> None:
     grace = float(tapeserve["environment"]["TAPESERVE_SHUTDOWN_GRACE_S"])
     assert _seconds(tapeserve["stop_grace_period"]) > 2 * grace + _WORKER_STOP_S
     assert tapeserve["init"] is True
-
-
-def test_nginx_runs_the_repos_config_with_the_replicas_body_limit(gpu: dict[str, Any]) -> None:
-    nginx = gpu["services"]["nginx"]
-    assert re.fullmatch(r"nginx:1\.(2[89]|[3-9]\d)\.\d+(-alpine)?", nginx["image"]), nginx["image"]
-    mounts = {Path(v["source"]): v["target"] for v in nginx["volumes"]}
-    assert mounts[NGINX_TEMPLATE] == "/etc/nginx/templates/nginx.conf.template"
-    # Rendered into /etc/nginx/nginx.conf; its relative include then finds the upstreams beside it.
-    assert nginx["environment"]["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"
-    assert mounts[COMPOSE_UPSTREAMS] == "/etc/nginx/tapeserve-upstreams.conf"
-    assert "include tapeserve-upstreams.conf;" in NGINX_TEMPLATE.read_text()
-    # Every variable the template uses is set for nginx, and the body limit is the replicas' own.
-    assert template_variables(NGINX_TEMPLATE.read_text()) <= set(nginx["environment"])
-    replicas = gpu["services"]["tapeserve"]["environment"]
-    assert nginx["environment"]["TAPESERVE_MAX_BODY_BYTES"] == replicas["TAPESERVE_MAX_BODY_BYTES"]
-    changed = _model(BASE, env={"TAPESERVE_MAX_BODY_BYTES": "1048576"})["services"]
-    assert changed["nginx"]["environment"]["TAPESERVE_MAX_BODY_BYTES"] == "1048576"
-    assert changed["tapeserve"]["environment"]["TAPESERVE_MAX_BODY_BYTES"] == "1048576"
 
 
 def test_upstream_is_the_replicas_service(gpu: dict[str, Any]) -> None:
