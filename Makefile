@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory bench-hostile soak
+.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory bench-hostile bench-api soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -91,3 +91,7 @@ bench-hostile: $(VENV)/.installed-server
 SOAK_MINUTES ?= 2
 soak: $(VENV)/.installed-server
 	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) --connections 64
+
+# /healthz under the costliest bodies the limits allow, and the API's RSS over 10,000 distinct requests.
+bench-api: $(VENV)/.installed-server
+	$(BIN)/python bench/api_bounds.py

@@ -80,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.api import Settings, create_app
+    from service.api.offload import keep_the_loop_responsive
 
     overrides: dict[str, Any] = {
         name: value
@@ -95,8 +96,12 @@ def _serve(args: argparse.Namespace) -> int:
     from service.api.logging import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
+    app = create_app(settings)
+    # Here rather than in create_app: it freezes the garbage collector's view of this process, which
+    # is right for a server that just started and wrong for a test process that builds many apps.
+    keep_the_loop_responsive()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

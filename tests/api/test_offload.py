@@ -144,3 +144,34 @@ def test_an_umbridge_config_is_checked_in_a_thread_once_then_found_in_its_cache(
         assert response.status_code == 200, response.text
         assert response.json() == {"inputSizes": [2]}
     assert spy.on_loop == [True, False, True]
+
+
+def test_costly_work_runs_in_a_thread_nicer_than_the_event_loop() -> None:
+    import os
+    import threading
+
+    from service.api.offload import WORK_THREAD_NICE, off_loop_if
+
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def both() -> tuple[int, int]:
+        return await off_loop_if(False, nice_here), await off_loop_if(True, nice_here)
+
+    on_loop, in_thread = asyncio.run(both())
+    assert in_thread == on_loop + WORK_THREAD_NICE or in_thread == 19  # the kernel caps nice at 19
+
+
+def test_the_server_process_shares_the_interpreter_finely_and_freezes_its_start_up_objects() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, sys\n"
+        "from service.api.offload import LOOP_SWITCH_INTERVAL_S, keep_the_loop_responsive\n"
+        "keep_the_loop_responsive()\n"
+        "assert sys.getswitchinterval() == LOOP_SWITCH_INTERVAL_S, sys.getswitchinterval()\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
