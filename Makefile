@@ -22,7 +22,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-server
 	$(BIN)/tapeserve serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed-test /usr/bin/chromium /usr/sbin/nginx /usr/sbin/haproxy /usr/bin/redis-server
+test: $(VENV)/.installed-test /usr/bin/chromium /usr/sbin/nginx /usr/sbin/haproxy /usr/bin/redis-server /usr/bin/prometheus
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
@@ -63,6 +63,10 @@ docs: openapi
 # Debian's haproxy runs the repo's load-balancer config (docker-compose's) in tests/deploy.
 /usr/sbin/haproxy:
 	command -v haproxy >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; }
+
+# Debian's Prometheus evaluates the autoscaler's metrics-adapter rule against a live server in tests/deploy.
+/usr/bin/prometheus:
+	command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 # wrk (Debian) drives the throughput workloads.
 /usr/bin/wrk:

@@ -1,6 +1,7 @@
 """Helpers for the deployment tests: the repo's deployment files, the validators' binaries, nginx
 running deploy/nginx/nginx.conf.template and HAProxy running deploy/haproxy/haproxy.cfg on loopback
-(the compose topology without containers), and stand-in replicas for the balancer tests."""
+(the compose topology without containers), stand-in replicas for the balancer tests, and a
+Prometheus that scrapes a server for the autoscaler's metric."""
 
 from __future__ import annotations
 
@@ -304,3 +305,88 @@ def start_standin(name: str, *, ready: bool) -> StandIn:
 
     wait_for(answering, f"stand-in {name} answers", ceiling_s=60.0)
     return standin
+
+
+def prometheus_binary() -> str:
+    found = shutil.which("prometheus")
+    if found is None:
+        pytest.skip("prometheus is not installed (`make test` installs it: apt-get install prometheus)")
+    return found
+
+
+@dataclass
+class Prometheus:
+    """Debian's Prometheus scraping one target every second, with the labels that Kubernetes service
+    discovery would give a pod's series (namespace, pod)."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/api/v1/query", params={"query": promql}, timeout=10.0)
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "success", body
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    def series(self, selector: str) -> list[dict[str, str]]:
+        response = httpx.get(f"{self.url}/api/v1/series", params={"match[]": selector}, timeout=10.0)
+        body = response.json()
+        assert response.status_code == 200 and body["status"] == "success", body
+        found: list[dict[str, str]] = body["data"]
+        return found
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_prometheus(prefix: Path, target: str, labels: Mapping[str, str]) -> Prometheus:
+    binary = prometheus_binary()
+    prefix.mkdir(parents=True, exist_ok=True)
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "tapeserve",
+                "metrics_path": "/metrics",
+                "static_configs": [{"targets": [target], "labels": dict(labels)}],
+            }
+        ],
+    }
+    (prefix / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_path = prefix / "prometheus.log"
+    with log_path.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={prefix / 'prometheus.yml'}",
+                f"--storage.tsdb.path={prefix / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    prometheus = Prometheus(process, f"http://127.0.0.1:{port}", log_path)
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"prometheus exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            return httpx.get(f"{prometheus.url}/-/ready", timeout=2.0).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        wait_for(ready, "prometheus is ready", ceiling_s=60.0)
+    except BaseException:
+        prometheus.stop()
+        raise
+    return prometheus

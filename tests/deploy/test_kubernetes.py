@@ -1,6 +1,8 @@
 """deploy/kubernetes/ against the Kubernetes schemas (kubernetes-validate, strict), and consistent
 with itself, the image and the app: selectors match labels, ports and probe paths exist, the grace
-period covers the drain, the settings are valid settings, the models file is examples/models.yaml."""
+period covers the drain, the settings are valid settings, the models file is examples/models.yaml,
+and the autoscaler's load metric is what prometheus-adapter's rule computes from a live server's
+/metrics (Debian's Prometheus evaluates the rule's query)."""
 
 from __future__ import annotations
 
@@ -8,19 +10,30 @@ import json
 import os
 import re
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from service.api.settings import Settings
-from tests.conftest import ROOT
-from tests.deploy.support import KUBERNETES, load_yaml_documents, venv_tool
+from tests.conftest import ROOT, LiveServer
+from tests.deploy.support import (
+    KUBERNETES,
+    load_yaml_documents,
+    prometheus_binary,
+    start_prometheus,
+    venv_tool,
+    wait_for,
+)
 
 # As in test_compose: two drains of TAPESERVE_SHUTDOWN_GRACE_S, then ~11 s to stop the workers.
 _WORKER_STOP_S = 11.0
 LABELS = {"app.kubernetes.io/name": "tapeserve", "app.kubernetes.io/component": "api"}
+# prometheus-adapter's configuration, applied in the adapter's namespace (not the app's).
+ADAPTER = KUBERNETES / "metrics-adapter"
 
 
 def _validate(*paths: Path) -> subprocess.CompletedProcess[str]:
@@ -192,3 +205,114 @@ def test_models_configmap_is_the_example_file(resources: dict[tuple[str, str], d
     assert shipped == (ROOT / "examples" / "models.yaml").read_text(), (
         "deploy/kubernetes/configmap.yaml's models.yaml must be examples/models.yaml verbatim"
     )
+
+
+def _adapter_rule() -> dict[str, Any]:
+    (config_map,) = load_yaml_documents(ADAPTER / "adapter-config.yaml")
+    assert config_map["kind"] == "ConfigMap"
+    (rule,) = yaml.safe_load(config_map["data"]["config.yaml"])["rules"]
+    assert isinstance(rule, dict)
+    return rule
+
+
+def test_metrics_adapter_config_matches_the_kubernetes_schemas() -> None:
+    result = _validate(*sorted(ADAPTER.glob("*.yaml")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for path in ADAPTER.glob("*.yaml"):
+        for doc in load_yaml_documents(path):
+            assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "tapeserve"
+            assert "namespace" not in doc["metadata"], "the adapter's namespace is chosen at apply time"
+
+
+def test_the_autoscaler_follows_pending_jobs_and_keeps_cpu(
+    resources: dict[tuple[str, str], dict[str, Any]],
+) -> None:
+    metrics = resources["HorizontalPodAutoscaler", "tapeserve"]["spec"]["metrics"]
+    by_type = {m["type"]: m for m in metrics}
+    assert set(by_type) == {"Pods", "Resource"}
+    assert by_type["Resource"]["resource"]["name"] == "cpu"
+    assert by_type["Resource"]["resource"]["target"]["type"] == "Utilization"
+    pods = by_type["Pods"]["pods"]
+    rule = _adapter_rule()
+    # The HPA asks for the metric the adapter's rule names, averaged over the pods.
+    assert pods["metric"]["name"] == rule["name"]["as"]
+    assert pods["target"]["type"] == "AverageValue" and float(pods["target"]["averageValue"]) > 0
+    # Served per pod: the series' namespace and pod labels map to those resources.
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
+    assert "<<.LabelMatchers>>" in rule["metricsQuery"] and "by (<<.GroupBy>>)" in rule["metricsQuery"]
+    # The pods are scraped where their /metrics is.
+    annotations = resources["Deployment", "tapeserve"]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+
+
+def _render(template: str, namespace: str, pod: str) -> str:
+    """The adapter's Go template for one pod, as it fills it in for the custom metrics API."""
+    text = template.replace("<<.LabelMatchers>>", f'namespace="{namespace}",pod=~"{pod}"')
+    text = text.replace("<<.GroupBy>>", "pod").replace("<<.Series>>", "tapeserve_queue_depth")
+    assert "<<" not in text, text
+    return text
+
+
+TRAIN = {
+    "model": {
+        "input_shape": [8],
+        "seed": 3,
+        "layers": [{"type": "dense", "units": 64, "activation": "tanh"}, {"type": "dense", "units": 1}],
+    },
+    "loss": "mse",
+    "optimizer": {"type": "adam", "learning_rate": 0.01},
+    "x": [[0.1 * i + 0.01 * j for j in range(8)] for i in range(64)],
+    "y": [[0.1 * i] for i in range(64)],
+    "steps": 2000,
+}
+
+
+def test_the_adapters_query_follows_a_live_servers_load(ready_server: LiveServer, tmp_path: Path) -> None:
+    prometheus_binary()  # skip before anything else
+    rule = _adapter_rule()
+    labels = {"namespace": "tapeserve-test", "pod": "tapeserve-0"}
+    prometheus = start_prometheus(tmp_path / "prometheus", ready_server.url.removeprefix("http://"), labels)
+    query = _render(rule["metricsQuery"], **labels)
+    try:
+        # The adapter discovers the metric with seriesQuery: the server's series carry the pod's labels.
+        wait_for(lambda: bool(prometheus.series(rule["seriesQuery"])), "the rule's series are scraped")
+        found = prometheus.series(rule["seriesQuery"])
+        assert {(s["namespace"], s["pod"]) for s in found} == {(labels["namespace"], labels["pod"])}
+
+        def pending() -> float | None:
+            result = prometheus.query(query)
+            assert len(result) <= 1 and all(r["metric"] == {"pod": labels["pod"]} for r in result), result
+            return float(result[0]["value"][1]) if result else None
+
+        wait_for(lambda: pending() is not None, "the rule's query answers for the pod")
+        # Load: three clients keep the one worker busy and two jobs waiting, until the metric shows it.
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def client() -> None:
+            with httpx.Client(base_url=ready_server.url, timeout=120.0) as http:
+                while not stop.is_set():
+                    try:
+                        response = http.post("/v1/model/train-step", json=TRAIN)
+                        assert response.status_code == 200, response.text
+                    except BaseException as error:  # reported below, not lost in the thread
+                        errors.append(error)
+                        return
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            wait_for(lambda: (pending() or 0.0) >= 2.0 or bool(errors), "pending jobs reach 2 under load")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=120)
+        assert not errors, errors
+        # And it falls back once the load is gone.
+        wait_for(lambda: pending() == 0.0, "pending jobs back to 0")
+    finally:
+        prometheus.stop()
