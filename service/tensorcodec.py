@@ -24,6 +24,11 @@ import numpy as np
 
 from service.errors import InvalidRequest, LimitExceeded, ShapeError
 
+try:  # SIMD base64 (~5 GB/s against binascii's ~0.3-0.5): the codec's whole cost for large tensors
+    import pybase64 as _fast_b64
+except ImportError:  # pragma: no cover - the server installs it; a client-only install may not
+    _fast_b64 = None  # type: ignore[assignment]
+
 __all__ = [
     "FLOAT_DTYPES",
     "NONFINITE",
@@ -244,8 +249,7 @@ def _decode_b64(
             field=f"{field}.b64",
         )
     try:
-        # Strict: only the alphabet and correct padding (as b64decode's validate=True), at C speed.
-        raw = binascii.a2b_base64(data, strict_mode=True)
+        raw = _b64decode(data)
     except (binascii.Error, ValueError):
         raise InvalidRequest(f"{field}.b64 is not valid base64", field=f"{field}.b64") from None
     if len(raw) != expected:
@@ -260,9 +264,24 @@ def _decode_b64(
             f"{field}.shape is not a valid shape ({error})", field=f"{field}.shape"
         ) from None
     if array.dtype == target:
-        return array.copy()  # writable
+        # writable as it is when decoded into a bytearray (no copy of a large tensor); else a copy
+        return array if array.flags.writeable else array.copy()
     with np.errstate(over="ignore"):
         return array.astype(target)  # a native-endian, writable copy
+
+
+def _b64decode(data: str) -> bytes | bytearray:
+    """Strict base64: only the alphabet and correct padding (b64decode's validate=True), else an error."""
+    if _fast_b64 is not None and data.isascii():
+        # into a bytearray: an array on it is writable without a copy
+        return _fast_b64.b64decode_as_bytearray(data, validate=True)
+    return binascii.a2b_base64(data, strict_mode=True)  # a non-ASCII text fails here, as it should
+
+
+def _b64encode(raw: bytes | memoryview) -> str:
+    if _fast_b64 is not None:
+        return _fast_b64.b64encode_as_string(raw)
+    return base64.b64encode(raw).decode("ascii")
 
 
 def encode_tensor(
@@ -286,7 +305,7 @@ def encode_tensor(
         return {
             "dtype": name,
             "shape": list(arr.shape),
-            "b64": base64.b64encode(np.ascontiguousarray(little).tobytes()).decode("ascii"),
+            "b64": _b64encode(np.ascontiguousarray(little).reshape(-1).view(np.uint8).data),
         }
     if encoding != "json":
         raise ValueError(f"unknown encoding {encoding!r}")

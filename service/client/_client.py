@@ -49,6 +49,7 @@ from service.client._wire import (
     Derivatives,
     EncodingChoice,
     TensorCodec,
+    dumps_body,
     gradient_call,
     merge_variables,
 )
@@ -205,7 +206,7 @@ class _Base:
         args: dict[str, Any] = {"method": call.method, "url": call.path}
         if call.body is not None:
             # allow_nan=False: the wire is strict JSON (non-finite values are already strings).
-            args["content"] = json.dumps(call.body, allow_nan=False, separators=(",", ":")).encode()
+            args["content"] = dumps_body(call.body)
             args["headers"] = {"Content-Type": "application/json"}
             deadline = call.body.get("timeout_s")
             if isinstance(deadline, int | float):
