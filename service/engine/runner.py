@@ -337,6 +337,7 @@ def _validate(job: GradientJob, limits: Limits) -> tuple[list[str], set[str]]:
 def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapeProgram:
     wrt, derivatives = _validate(job, limits)
     program = build_program(job.expression, list(job.variables), list(job.constants), job.functions, limits)
+    _check_order(program, job, derivatives, limits)
     dtype = _DTYPES[job.dtype]
     var_names = list(job.variables)
     const_names = list(job.constants)
@@ -374,9 +375,7 @@ def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapePro
                 )  # fmt: skip
 
             cot = cotangent if cotangent is not None else tf.zeros(tf.shape(tensors[0])[:1], dtype)
-            return tf.vectorized_map(  # type: ignore[no-any-return]
-                request, (variables, constants, tangents, cot), fallback_to_while_loop=True
-            )
+            return _map_points(request, (variables, constants, tangents, cot))  # type: ignore[no-any-return]
         if not job.batch:
             return _tape_program(
                 program,
@@ -413,7 +412,7 @@ def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapePro
             )
 
         cot_elems = cotangent if cotangent is not None else tf.zeros([batch], dtype)
-        return tf.vectorized_map(point, (variables, tangents, cot_elems), fallback_to_while_loop=True)  # type: ignore[no-any-return]
+        return _map_points(point, (variables, tangents, cot_elems))  # type: ignore[no-any-return]
 
     start = time.perf_counter()
     fn = tf.function(body, input_signature=specs, autograph=False, experimental_attributes=_ATTRIBUTES)
@@ -434,6 +433,26 @@ def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapePro
     small = not stacked and sum(_numel(spec.shape) for spec in specs) <= PLAN_MAX_ELEMENTS
     graph = atomic.graph if atomic is not None and small else None
     return TapeProgram(call, tuple(inputs), outputs, compile_ms, stacked, graph)
+
+
+def _check_order(program: Program, job: GradientJob, derivatives: set[str], limits: Limits) -> None:
+    """The request's derivatives nest on the program's own (grad, hvp): together at most max_order."""
+    if not program.derivative_order:
+        return
+    asked = max(
+        job.order or 0,
+        2 if derivatives & {"hessian", "hvp"} else 0,
+        1 if derivatives & {"gradient", "jacobian", "vjp", "jvp"} else 0,
+    )
+    if program.derivative_order + asked > limits.max_order:
+        raise LimitExceeded(
+            f"the expression takes derivatives to order {program.derivative_order} inside (grad 1, "
+            f"hvp 2) and the request asks for order {asked} of it: {program.derivative_order + asked} "
+            f"in all; at most {limits.max_order} are allowed",
+            limit="max_order",
+            allowed=limits.max_order,
+            field="derivatives" if not job.order else "order",
+        )
 
 
 def _flat_caller(concrete: Any) -> Callable[..., Sequence[Any]]:
@@ -460,7 +479,7 @@ def _dense(grads: list[Any]) -> list[Any]:
     return [tf.convert_to_tensor(g) for g in grads]
 
 
-def _jacobian(tape: tf.GradientTape, target: Any, source: Any) -> Any:
+def _jacobian(tape: tf.GradientTape, target: Any, source: Any, vectorize: bool = True) -> Any:
     """d target / d source, shaped target.shape + source.shape: one vjp per row, vectorized.
 
     The rows are the vjps with the identity's rows as cotangents, under tf.vectorized_map. It is
@@ -477,7 +496,54 @@ def _jacobian(tape: tf.GradientTape, target: Any, source: Any) -> Any:
         grad = tape.gradient(target, source, output_gradients=cotangent, unconnected_gradients=_ZERO)
         return tf.convert_to_tensor(grad)
 
-    return tf.reshape(tf.vectorized_map(row, eye), [*target.shape, *source.shape])
+    return tf.reshape(_map_points(row, eye, vectorize), [*target.shape, *source.shape])
+
+
+def _map_points(fn: Callable[[Any], Any], elems: Any, vectorize: bool = True) -> Any:
+    """``fn`` over the leading axis of ``elems``: vectorized, or one point at a time in a graph loop.
+
+    pfor converts most programs, op by op (and loops ops it has no rule for). A few it cannot convert
+    at all, e.g. the second derivative of a scan or fori (its gradient's TensorList accumulators
+    lose their element shapes); those run as a tf.map_fn loop: the same values, traced once, one row
+    after another. The loop needs the output structure first: fn traced once more on a zero point
+    (ops nothing uses, which never run). ``vectorize=False`` goes straight there, for programs pfor
+    is known to refuse: a failed conversion costs seconds of tracing before it fails.
+    """
+    vectorized = _vectorized_or_none(fn, elems) if vectorize else None
+    return _loop_points(fn, elems) if vectorized is None else vectorized
+
+
+def _vectorized_or_none(fn: Callable[[Any], Any], elems: Any) -> Any:
+    """tf.vectorized_map, or None where pfor cannot convert the program."""
+    tf_logger = tf.get_logger()
+    level = tf_logger.level
+    # pfor logs each op it fails to convert with the whole graph around it; the fallback says enough.
+    tf_logger.setLevel("CRITICAL")
+    try:
+        return tf.vectorized_map(fn, elems, fallback_to_while_loop=True)
+    except TapeserveError:
+        raise
+    except (ValueError, TypeError, NotImplementedError):
+        pass
+    finally:
+        tf_logger.setLevel(level)
+    return None
+
+
+def _loop_points(fn: Callable[[Any], Any], elems: Any) -> Any:
+    probe = fn(tf.nest.map_structure(lambda t: tf.zeros(t.shape[1:], t.dtype), elems))
+    signature = tf.nest.map_structure(lambda t: tf.TensorSpec(t.shape, t.dtype), probe)
+    return tf.map_fn(fn, elems, fn_output_signature=signature)
+
+
+def _reverse_jvp(tape: tf.GradientTape, f: Any, xs: list[Any], tangents: list[Any]) -> Any:
+    """J t as the derivative in u of <vjp(u), t>: linear in u, so taken at u = 0."""
+    u = tf.zeros_like(f)
+    with tf.GradientTape() as in_u:
+        in_u.watch(u)
+        vjp = _dense(tape.gradient(f, xs, output_gradients=u, unconnected_gradients=_ZERO))
+        pairing = tf.add_n([tf.reduce_sum(v * t) for v, t in zip(vjp, tangents, strict=True)])
+    return tf.convert_to_tensor(in_u.gradient(pairing, u, unconnected_gradients=_ZERO))
 
 
 def _check_size(count: int, batch: int, limits: Limits, what: str) -> None:
@@ -536,7 +602,12 @@ def _tape_program(
     xs = [env[name] for name in wrt]
     order = job.order or 0
     second = bool(derivatives & {"hessian", "hvp"})
-    first = second or bool(derivatives & {"gradient", "jacobian", "vjp"}) or order > 0
+    # Forward mode cannot pass a loop that keeps TensorLists (scan's stacked outputs, and any loop's
+    # gradient accumulators once a tape records it): the ForwardAccumulator has no tangent for them.
+    # There the jvp is the derivative of a vjp in its cotangent.
+    loops = bool(program.forms & {"scan", "fori"})
+    reverse_jvp = "jvp" in derivatives and loops
+    first = second or bool(derivatives & {"gradient", "jacobian", "vjp"}) or order > 0 or reverse_jvp
     depth = max(order, 2 if second else (1 if first else 0))
 
     out: dict[str, Any] = {}
@@ -549,7 +620,7 @@ def _tape_program(
             open_tapes += 1
             tape.watch(xs)
             tapes.append(tape)
-        if "jvp" in derivatives:
+        if "jvp" in derivatives and not reverse_jvp:
             with tf.autodiff.ForwardAccumulator(xs, tangents) as acc:
                 f = compiler.evaluate(env)
                 out["jvp"] = acc.jvp(f, unconnected_gradients=_ZERO)
@@ -581,9 +652,11 @@ def _tape_program(
                 # Each level vectorizes the program of the level before, rows and all.
                 what = f"order-{len(chain) + 1} derivative"
                 largest = _check_rows(_bound(chain[-1].shape), largest, batch, limits, what)
-                chain.append(_jacobian(tapes[level], chain[-1], xs[0]))
+                chain.append(_jacobian(tapes[level], chain[-1], xs[0], not loops))
         for i, d in enumerate(chain):
             out[f"higher/{i + 1}"] = d
+        if reverse_jvp:
+            out["jvp"] = _reverse_jvp(tapes[-1], f, xs, tangents)
         if "gradient" in derivatives:
             for name, g in zip(wrt, grads, strict=True):
                 out[f"gradient/{name}"] = g
@@ -608,7 +681,7 @@ def _tape_program(
                     block = f"hessian block {a}, {b}"
                     _check_size(_bound(ga.shape) * _bound(xb.shape), batch, limits, block)
                     _check_rows(_bound(ga.shape), largest, batch, limits, block)
-                    out[f"hessian/{a}/{b}"] = _jacobian(tapes[-2], ga, xb)
+                    out[f"hessian/{a}/{b}"] = _jacobian(tapes[-2], ga, xb, not loops)
         if "hvp" in derivatives:
             hvp = _dense(
                 tapes[-2].gradient(grads, xs, output_gradients=tangents, unconnected_gradients=_ZERO)

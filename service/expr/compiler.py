@@ -6,6 +6,7 @@ checked against the element limit as it is built, before anything runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -22,7 +23,7 @@ from service.errors import (
 )
 from service.expr import nodes as n
 from service.expr.functions import BUILTINS, CONSTANTS, TENSORS, VARIADIC
-from service.expr.program import FunctionDef, Program, bind_builtin
+from service.expr.program import FORMS, Form, FunctionDef, Program, bind_builtin
 from service.limits import Limits
 
 __all__ = ["Compiler"]
@@ -43,6 +44,14 @@ _COMPARE: dict[str, Callable[[Any, Any], Any]] = {
     ">": tf.greater,
     ">=": tf.greater_equal,
 }
+
+
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+def _elements(t: Any) -> int:
+    """Elements of a tensor for a size check (a zero-length axis counts as one)."""
+    return math.prod(max(int(d), 1) for d in t.shape) if t.shape.is_fully_defined() else 1
 
 
 def _first_line(exc: BaseException) -> str:
@@ -302,6 +311,8 @@ class Compiler:
     # -- calls ----------------------------------------------------------------------------------
 
     def _call(self, node: n.Call, env: dict[str, Any]) -> Any:
+        if node.func in FORMS:
+            return self._form(FORMS[node.func], node, env)
         if node.func in self.program.functions:
             args = [self._float(self.compile(a, env), a) for a in node.args]
             fn = self._user_function(self.program.functions[node.func])
@@ -324,6 +335,134 @@ class Compiler:
             else:
                 values.append(value)
         return self._checked(node, lambda: builtin.rule(self, *values, *variadic))
+
+    # -- loops and derivatives of user functions -------------------------------------------------
+
+    def _form(self, form: Form, node: n.Call, env: dict[str, Any]) -> Any:
+        """scan, fori, grad, hvp: program.py checked the function's name, arity and the step count."""
+        target = node.args[form.function_index]
+        assert isinstance(target, n.Name)
+        fn = self._user_function(self.program.functions[target.id])
+        rest = node.args[form.function_index + 1 :]
+        values = [self._float(self.compile(arg, env), arg) for arg in rest]
+        own, extra = values[: form.tensors], values[form.tensors :]
+        if form.name == "grad":
+            return self._checked(node, lambda: self._gradient(node, target.id, fn, own[0], None, extra))
+        if form.name == "hvp":
+            return self._checked(node, lambda: self._gradient(node, target.id, fn, own[0], own[1], extra))
+        if form.name == "scan":
+            return self._checked(node, lambda: self._scan(node, target.id, fn, own[0], own[1], extra))
+        steps = self._static_int(node.args[0], "the step count of fori()")
+        return self._checked(node, lambda: self._fori(node, target.id, fn, steps, own[0], extra))
+
+    def _gradient(
+        self, node: n.Call, name: str, fn: Callable[..., Any], x: Any, v: Any, extra: list[Any]
+    ) -> Any:
+        """d fn(x, *extra) / dx (v None), or its Hessian times v: tapes nested inside the caller's.
+
+        The tapes record on every enclosing tape (the engine's, an outer grad's), so derivatives of
+        this derivative are derivatives of derivatives. x enters through its own identity, so only
+        the first parameter is differentiated even when x is also passed among ``extra``.
+        """
+        form = "grad" if v is None else "hvp"
+        if v is not None and v.shape != x.shape:
+            raise ShapeError(
+                f"hvp() needs v of the shape of x: x has shape {list(x.shape)}, v has {list(v.shape)}",
+                **self._where(node.span),
+            )
+        point = tf.identity(x)
+        with tf.GradientTape() as outer:
+            outer.watch(point)
+            with tf.GradientTape() as inner:
+                inner.watch(point)
+                y = fn(point, *extra)
+            if y.shape.rank != 0:
+                raise ShapeError(
+                    f"{form}() needs {name}() to return a scalar; it returns shape {list(y.shape)} "
+                    "(reduce it, e.g. sum(...))",
+                    **self._where(node.span),
+                )
+            g = tf.convert_to_tensor(inner.gradient(y, point, unconnected_gradients=_ZERO))
+        if v is None:
+            return g
+        return tf.convert_to_tensor(outer.gradient(g, point, output_gradients=v, unconnected_gradients=_ZERO))
+
+    def _loop(self, node: n.Call, what: str, steps: int, step: Callable[..., Any]) -> Callable[..., Any]:
+        """Wrap one step of a loop: run when TF traces the loop body (once, whatever ``steps`` is).
+
+        The gradient of a loop keeps every tensor of the step for every step (and scan stacks its
+        carries), so each counts ``steps`` times against the element limit, as if unrolled: checked
+        right after the step is traced, before the loop op exists or any derivative of it is traced.
+        The stacked size is this loop's contribution to ``largest``, which bounds the Jacobian rows.
+        """
+
+        def traced(*args: Any) -> Any:
+            outside = self.largest
+            self.largest = 1
+            try:
+                out = step(*args)
+                per_step = max(self.largest, *(_elements(a) for a in args))
+            finally:
+                self.largest = outside
+            stacked = steps * per_step
+            if stacked * self.batch_size > self.limits.max_tensor_elements:
+                raise LimitExceeded(
+                    f"{what} runs {steps} steps over tensors of up to {per_step} elements"
+                    + (f" per point ({self.batch_size} points)" if self.batch_size > 1 else "")
+                    + f": its gradient keeps each of them for every step, {stacked * self.batch_size} "
+                    f"elements; at most {self.limits.max_tensor_elements} are allowed for any tensor",
+                    limit="max_tensor_elements",
+                    allowed=self.limits.max_tensor_elements,
+                    estimate=stacked * self.batch_size,
+                    construct=what,
+                    **self._where(node.span),
+                )
+            self.largest = max(outside, stacked)
+            return out
+
+        return traced
+
+    def _carry(self, node: n.Call, name: str, carry: Any, new: Any) -> Any:
+        if new.shape != carry.shape:
+            raise ShapeError(
+                f"{name}() returns shape {list(new.shape)}, its carry has shape {list(carry.shape)}: "
+                "a loop's carry keeps its shape from step to step",
+                **self._where(node.span),
+            )
+        return new
+
+    def _fori(
+        self, node: n.Call, name: str, fn: Callable[..., Any], steps: int, init: Any, extra: list[Any]
+    ) -> Any:
+        if steps == 0:
+            return tf.identity(init)
+
+        def step(i: Any, carry: Any) -> tuple[Any, Any]:
+            new = fn(tf.cast(i, self.dtype), carry, *extra)
+            return i + 1, self._carry(node, name, carry, new)
+
+        body = self._loop(node, f"fori({steps}, {name}, ...)", steps, step)
+        start = (tf.constant(0), init)
+        _, out = tf.while_loop(lambda i, _: i < steps, body, start, maximum_iterations=steps)
+        return out
+
+    def _scan(
+        self, node: n.Call, name: str, fn: Callable[..., Any], init: Any, xs: Any, extra: list[Any]
+    ) -> Any:
+        if xs.shape.rank == 0:
+            raise ShapeError(
+                "scan() steps over the rows of xs (its first axis); this xs is a scalar",
+                **self._where(node.span),
+            )
+        steps = int(xs.shape[0])
+        if steps == 0:
+            return tf.zeros([0, *init.shape], init.dtype)
+
+        def step(carry: Any, x: Any) -> Any:
+            return self._carry(node, name, carry, fn(carry, x, *extra))
+
+        body = self._loop(node, f"scan({name}, ...) over {steps} rows", steps, step)
+        return tf.scan(body, xs, initializer=init)
 
     def _operand(self, node: n.Node, env: dict[str, Any], func: str, param: str) -> Any:
         value = self.compile(node, env)

@@ -38,7 +38,9 @@ from service.expr.parser import parse_expression
 from service.limits import Limits
 
 __all__ = [
+    "FORMS",
     "BoundCall",
+    "Form",
     "FunctionDef",
     "Program",
     "bind_builtin",
@@ -50,6 +52,78 @@ __all__ = [
 # Static integers (axes, shapes, counts) are bounded so no user text becomes Python big-int work.
 _MAX_STATIC_INT = 2**31 - 1
 _RESERVED = {"y", "dy"}  # names a gradient expression sees besides the parameters
+
+
+@dataclass(frozen=True, slots=True)
+class Form:
+    """A call one of whose arguments names a user function: a loop or a derivative of that function.
+
+    The arguments are ``[count,] function, <tensors> tensors, *args``: the function is called with
+    ``params`` values of the construct's own, then the trailing ``*args`` unchanged (loop-invariant
+    weights, data), so its parameter count must be ``params + len(args)``.
+    """
+
+    name: str
+    signature: str
+    doc: str
+    counted: bool  # a static integer count comes first (fori)
+    tensors: int  # tensor arguments after the function name, before *args
+    params: int  # values the construct passes the function before *args
+    # Syntax nodes of the function count this many times: a derivative traces the function's
+    # forward graph and one backward graph per order on top of it.
+    weight: int
+    order: int  # derivative order the construct adds to its function's (nested tapes)
+
+    @property
+    def function_index(self) -> int:
+        return 1 if self.counted else 0
+
+
+FORMS: dict[str, Form] = {
+    form.name: form
+    for form in (
+        Form(
+            "scan",
+            "scan(step, init, xs, *args)",
+            "The carries step(carry, x, *args) returns for each row x of xs, stacked; one graph loop.",
+            counted=False,
+            tensors=2,
+            params=2,
+            weight=1,
+            order=0,
+        ),
+        Form(
+            "fori",
+            "fori(n, body, init, *args)",
+            "The carry after n steps carry = body(i, carry, *args), i = 0..n-1; one graph loop.",
+            counted=True,
+            tensors=1,
+            params=2,
+            weight=1,
+            order=0,
+        ),
+        Form(
+            "grad",
+            "grad(f, x, *args)",
+            "Gradient of the scalar f(x, *args) with respect to x.",
+            counted=False,
+            tensors=1,
+            params=1,
+            weight=2,
+            order=1,
+        ),
+        Form(
+            "hvp",
+            "hvp(f, x, v, *args)",
+            "Hessian of the scalar f(x, *args) with respect to x, times v (the shape of x).",
+            counted=False,
+            tensors=2,
+            params=1,
+            weight=4,
+            order=2,
+        ),
+    )
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +150,10 @@ class Program:
     constants: tuple[str, ...]
     node_count: int
     sources: dict[str, str] = field(default_factory=dict)  # source name -> text, for error carets
+    # The deepest nesting of derivatives taken inside the program (grad 1, hvp 2, through calls):
+    # the engine's own derivatives nest on top of it.
+    derivative_order: int = 0
+    forms: frozenset[str] = frozenset()  # the loops and derivatives (FORMS) the program uses
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +184,10 @@ class _Checker:
     def __init__(self, sources: dict[str, str], limits: Limits) -> None:
         self.sources = sources
         self.limits = limits
+        # Derivative order of each checked function, and the deepest seen in the current tree.
+        self.orders: dict[str, int] = {}
+        self.order = 0
+        self.forms: set[str] = set()
 
     def where(self, source: str, span: n.Span) -> dict[str, Any]:
         end = span.end_column if span.end_line == span.line else None
@@ -183,7 +265,11 @@ class _Checker:
         if call.func in forbidden:
             raise InvalidArgument(forbidden[call.func], **self.where(source, call.func_span))
         count = 0
-        if call.func in functions:
+        tensor_args: list[n.Node]
+        if call.func in FORMS:
+            count, tensor_args = self.check_form(FORMS[call.func], call, source, functions, sizes, forbidden)
+        elif call.func in functions:
+            self.order = max(self.order, self.orders.get(call.func, 0))
             fdef = functions[call.func]
             if call.keywords:
                 raise InvalidArgument(
@@ -197,7 +283,7 @@ class _Checker:
                     **self.where(source, call.span),
                 )
             count += sizes[call.func]
-            tensor_args: list[n.Node] = list(call.args)
+            tensor_args = list(call.args)
         elif call.func in BUILTINS:
             bound = bind_builtin(BUILTINS[call.func], call, self.sources.get(source), source)
             tensor_args = []
@@ -214,6 +300,72 @@ class _Checker:
         for arg in tensor_args:
             count += self.check(arg, source, names, functions, sizes, forbidden)
         return count
+
+    def check_form(
+        self,
+        form: Form,
+        call: n.Call,
+        source: str,
+        functions: Mapping[str, FunctionDef],
+        sizes: Mapping[str, int],
+        forbidden: Mapping[str, str],
+    ) -> tuple[int, list[n.Node]]:
+        """A loop or derivative call: its function, its count and its arity; returns (nodes, tensor args)."""
+        example = f"; e.g. {form.signature} with functions: {{name: {{params: [...], body: ...}}}}"
+        if call.keywords:
+            raise InvalidArgument(
+                f"{form.name}() takes positional arguments only; signature: {form.signature}",
+                **self.where(source, call.keywords[0].span),
+            )
+        first = form.function_index + 1 + form.tensors
+        if len(call.args) < first:
+            raise InvalidArgument(
+                f"{form.name}() needs at least {first} arguments, got {len(call.args)}; "
+                f"signature: {form.signature}",
+                **self.where(source, call.span),
+            )
+        if form.counted:
+            what = f"the step count of {form.name}()"
+            steps = _static(call.args[0], INT, what, self.sources.get(source), source)
+            if steps < 0:
+                raise InvalidArgument(
+                    f"the step count of {form.name}() must be at least 0, got {steps}",
+                    **self.where(source, call.args[0].span),
+                )
+        target = call.args[form.function_index]
+        if not isinstance(target, n.Name):
+            raise InvalidArgument(
+                f"argument {form.function_index + 1} of {form.name}() must name one of the request's "
+                f"functions{example}",
+                **self.where(source, target.span),
+            )
+        if target.id in forbidden:
+            raise InvalidArgument(forbidden[target.id], **self.where(source, target.span))
+        if target.id not in functions:
+            if target.id in BUILTINS:
+                raise InvalidArgument(
+                    f"{target.id} is a built-in function; {form.name}() takes the name of one of the "
+                    f"request's functions (define one whose body calls {target.id}){example}",
+                    **self.where(source, target.span),
+                )
+            raise self.unknown(target.id, target.span, source, functions, "function")
+        fdef = functions[target.id]
+        args = list(call.args[form.function_index + 1 :])
+        extra = len(args) - form.tensors
+        if len(fdef.params) != form.params + extra:
+            raise InvalidArgument(
+                f"{form.name}() calls {target.id}() with {form.params} value(s) of its own"
+                + (f" and the {extra} extra argument(s) after them" if extra else "")
+                + f", {form.params + extra} in all; {target.id}() takes {len(fdef.params)} "
+                f"({', '.join(fdef.params)}); signature: {form.signature}",
+                **self.where(source, call.span),
+            )
+        self.order = max(self.order, form.order + self.orders.get(target.id, 0))
+        self.forms.add(form.name)
+        # The function's graph is traced once per call (never per step), weighted for derivatives;
+        # the function's name and the step count count as parsed.
+        static = n.tree_size(target) + (n.tree_size(call.args[0]) if form.counted else 0)
+        return form.weight * sizes[target.id] + static, args
 
 
 def _static(node: n.Node, kind: str, what: str, text: str | None, source: str) -> Any:
@@ -423,8 +575,8 @@ def build_program(
                 raise InvalidRequest(
                     f"{kind} name {name!r}: names may not start with '__'", field=f"{field_name}.{name}"
                 )
-            if name in BUILTINS or name in CONSTANTS:
-                what = "built-in function" if name in BUILTINS else "constant"
+            if name in BUILTINS or name in CONSTANTS or name in FORMS:
+                what = "constant" if name in CONSTANTS else "built-in function"
                 raise InvalidRequest(
                     f"{kind} name {name!r} would hide the {what} of that name; choose another name",
                     field=f"{field_name}.{name}",
@@ -456,7 +608,7 @@ def build_program(
         params = tuple(raw_params)
         for p in params:
             _check_name_length(p, f"parameter name of {fname}()", f"{where}.params", limits)
-            if not is_identifier(p) or p.startswith("__") or p in BUILTINS or p in CONSTANTS:
+            if not is_identifier(p) or p.startswith("__") or p in BUILTINS or p in CONSTANTS or p in FORMS:
                 raise InvalidRequest(
                     f"parameter name {p!r} of {fname}() is not allowed (an identifier that is not a "
                     "built-in function or constant)",
@@ -470,6 +622,7 @@ def build_program(
         later = {name: f"{fname}() may only call functions defined before it; {name}() comes later"
                  for name in order[index + 1 :]}  # fmt: skip
         later[fname] = f"{fname}() calls itself: recursion is not allowed"
+        checker.order = 0  # the deepest derivative nesting of this function, body and gradients
         size = checker.check(body, f"{where}.body", frozenset(params), defs, sizes, later)
         if size > limits.max_syntax_nodes:  # before any of its gradients is parsed
             raise _too_many_nodes(size, limits, where)
@@ -508,14 +661,30 @@ def build_program(
         sizes[fname] = size
         if size > limits.max_syntax_nodes:
             raise _too_many_nodes(size, limits, where)
+        if checker.order > limits.max_order:
+            raise _too_deep(checker.order, limits, where)
+        checker.orders[fname] = checker.order
         doc = spec.get("doc") or ""
         defs[fname] = FunctionDef(fname, params, body, body_text, gradient, gradient_text, str(doc))
 
     tree = parse_expression(expression, limits, "expression")
+    checker.order = 0
     count = checker.check(tree, "expression", frozenset(inputs), defs, sizes, {})
     if count > limits.max_syntax_nodes:
         raise _too_many_nodes(count, limits, "expression")
-    return Program(tree, expression, defs, tuple(variables), tuple(constants), count, sources)
+    if checker.order > limits.max_order:
+        raise _too_deep(checker.order, limits, "expression")
+    return Program(
+        tree,
+        expression,
+        defs,
+        tuple(variables),
+        tuple(constants),
+        count,
+        sources,
+        checker.order,
+        frozenset(checker.forms),
+    )
 
 
 def _too_many_nodes(count: int, limits: Limits, where: str) -> LimitExceeded:
@@ -529,6 +698,16 @@ def _too_many_nodes(count: int, limits: Limits, where: str) -> LimitExceeded:
     )
 
 
+def _too_deep(order: int, limits: Limits, where: str) -> LimitExceeded:
+    return LimitExceeded(
+        f"{where} nests derivatives (grad 1, hvp 2) to order {order}; at most {limits.max_order} "
+        "are allowed (each order traces the function's graph again, on top of the one before)",
+        limit="max_order",
+        allowed=limits.max_order,
+        source=where,
+    )
+
+
 # Repeated requests repeat their text; checking it again would cost ~1 ms of parsing each time.
 # Bounded by count and by the texts' total length: a request's texts may reach megabytes.
 _CHECKED_PROGRAMS = BoundedCache[tuple[Any, ...], bool](max_entries=1024, max_bytes=16 * 2**20)
@@ -537,11 +716,10 @@ _CHECKED_PROGRAMS = BoundedCache[tuple[Any, ...], bool](max_entries=1024, max_by
 def _check_key(
     expression: str,
     variables: Sequence[str],
-    constants: Sequence[str] = (),
-    functions: Mapping[str, Mapping[str, Any]] | None = None,
-    limits: Limits | None = None,
-) -> None:
-    """``build_program`` for its errors alone, remembering programs that passed (errors are not cached)."""
+    constants: Sequence[str],
+    functions: Mapping[str, Mapping[str, Any]] | None,
+    limits: Limits | None,
+) -> tuple[Any, ...]:
     frozen = tuple(
         (
             name,

@@ -178,3 +178,75 @@ def test_checking_never_imports_tensorflow() -> None:
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- loops and derivatives of user functions: scan, fori, grad, hvp --------------------------------
+
+STEP = {"step": {"params": ["c", "x"], "body": "c + x"}, "body": {"params": ["i", "c"], "body": "c * 2"}}
+
+
+def test_loops_and_derivatives_check_and_count_their_function_once() -> None:
+    functions = {**STEP, "f": {"params": ["x", "w"], "body": "sum(w * x**2)"}}
+    program = build_program(
+        "sum(scan(step, x, x[:, None])) + sum(fori(1000, body, x))"
+        " + sum(grad(f, x, x)) + sum(hvp(f, x, x, x))",
+        ["x"],
+        functions=functions,
+    )
+    assert program.forms == {"scan", "fori", "grad", "hvp"}
+    assert program.derivative_order == 2
+    # A thousand steps are traced once: the node count does not depend on the trip count.
+    one = build_program("sum(fori(1, body, x))", ["x"], functions=STEP).node_count
+    assert build_program("sum(fori(1000000, body, x))", ["x"], functions=STEP).node_count == one
+
+
+def test_nested_derivatives_add_their_orders() -> None:
+    functions = {
+        "f": {"params": ["x"], "body": "sum(x**3)"},
+        "g": {"params": ["x"], "body": "sum(grad(f, x))"},
+        "h": {"params": ["x"], "body": "sum(hvp(g, x, x))"},
+    }
+    assert build_program("grad(g, x)", ["x"], functions=functions).derivative_order == 2
+    assert build_program("h(x)", ["x"], functions=functions).derivative_order == 3
+    body = problem(LimitExceeded, "grad(h, x)", functions=functions, limits=Limits(max_order=3))
+    assert body["limit"] == "max_order" and "order 4" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("expression", "message", "column"),
+    [
+        ("scan(nope, x, x)", "unknown function 'nope'", 6),
+        ("scan(stepp, x, x)", "did you mean 'step'", 6),
+        ("grad(sin, x)", "sin is a built-in function", 6),
+        ("grad(x * 2, x)", "argument 1 of grad() must name one of the request's functions", 6),
+        ("fori(n, body, x)", "the step count of fori() must be an integer literal", 6),
+        ("fori(2.5, body, x)", "the step count of fori() must be an integer literal", 6),
+        ("fori(-1, body, x)", "must be at least 0", 6),
+        ("scan(step, x)", "scan() needs at least 3 arguments", 1),
+        ("grad(body, x)", "grad() calls body() with 1 value(s) of its own, 1 in all", 1),
+        ("fori(3, body, x, x)", "and the 1 extra argument(s)", 1),
+        ("grad(step, x, x, x)", "takes 2 (c, x)", 1),
+        ("scan(step, init=x, xs=x)", "positional arguments only", 12),
+    ],
+)
+def test_misused_loops_and_derivatives_are_located(expression: str, message: str, column: int) -> None:
+    with pytest.raises(TapeserveError) as info:
+        build_program(expression, ["x", "n"], functions=STEP)
+    body = info.value.to_dict()
+    assert message in body["detail"], body["detail"]
+    assert body["line"] == 1 and body["column"] == column
+
+
+def test_a_loop_or_derivative_cannot_recurse_or_call_ahead() -> None:
+    functions = {"f": {"params": ["x"], "body": "sum(grad(f, x))"}}
+    with pytest.raises(InvalidArgument, match="calls itself"):
+        build_program("f(x)", ["x"], functions=functions)
+    functions = {"f": {"params": ["x"], "body": "sum(grad(g, x))"}, "g": {"params": ["x"], "body": "sum(x)"}}
+    with pytest.raises(InvalidArgument, match="comes later"):
+        build_program("f(x)", ["x"], functions=functions)
+
+
+@pytest.mark.parametrize("name", ["scan", "fori", "grad", "hvp"])
+def test_the_construct_names_are_reserved(name: str) -> None:
+    body = problem(InvalidRequest, "1", variables=[name])
+    assert "hide the built-in function" in body["detail"]

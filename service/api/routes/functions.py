@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from service.api.deps import TapeserveRoute
 from service.api.schemas import ConstantInfo, FunctionInfo, FunctionsResponse
 from service.expr import BUILTINS, CONSTANTS
+from service.expr.program import FORMS
 
 __all__ = ["SYNTAX", "router"]
 
@@ -25,6 +26,7 @@ SYNTAX: tuple[str, ...] = (
     "names: the request's variables and constants, its functions, and the built-ins listed here",
     "gradient control: stop_gradient(x); clip_gradient(x, lo, hi)",
     "user functions: {name: {params, body, gradient?}}; gradient expressions see the params, y and dy",
+    *(f"{form.signature}: {form.doc}" for form in FORMS.values()),
 )
 
 
