@@ -113,22 +113,27 @@ def blocks(client: Client, problem: Mapping[str, np.ndarray]) -> dict[str, np.nd
     p = obs.shape[0]
     out = {"cam": np.empty((p, 3, CAMERA_PARAMS)), "X": np.empty((p, 3, 3)), "w": np.empty((p, 3))}
     for part in _chunks(p):
+        # every request has min(CHUNK, p) rows (the last padded with repeats of its first observation,
+        # whose blocks are dropped), so one compiled program serves every chunk of every large problem
+        rows = np.arange(part.start, part.start + min(CHUNK, p))
+        rows[rows >= p] = part.start
         jacobian = client.jacobian(
             BLOCK,
             {
                 # the observation's own camera and point: a copy, as any batched Jacobian needs
-                "cam": problem["cams"][obs[part, 0]],
-                "X": problem["X"][obs[part, 1]],
-                "w": problem["w"][part],
-                "feat": problem["feats"][part],
+                "cam": problem["cams"][obs[rows, 0]],
+                "X": problem["X"][obs[rows, 1]],
+                "w": problem["w"][rows],
+                "feat": problem["feats"][rows],
             },
             wrt=("cam", "X", "w"),
             functions=FUNCTIONS_TEXT,
             batch=True,
             dtype=DTYPE,
         )
+        count = part.stop - part.start
         for name in out:
-            out[name][part] = jacobian[name]
+            out[name][part] = jacobian[name][:count]
     return out
 
 
