@@ -15,6 +15,11 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The refusal brake (service/api/brake.py) paces a client's 4xx answers to 10 a second after 20; the
+# suite's hostile, fuzzing and schema tests send thousands of refused requests from one address on
+# purpose, so servers and apps in tests run without it unless a test turns it on
+# (tests/api/test_brake.py does, with its own small numbers).
+os.environ.setdefault("TAPESERVE_REFUSAL_RATE", "0")
 # Ceilings, not expectations: the waits return as soon as the server answers (seconds when idle). A
 # loaded 2-core machine has taken ~55 s to start one TensorFlow worker.
 STARTUP_CEILING_S = 180.0

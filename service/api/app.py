@@ -14,6 +14,7 @@ from starlette.routing import BaseRoute
 
 from service.api.batching import Batcher
 from service.api.body_limit import BodyLimitMiddleware
+from service.api.brake import RefusalBrake
 from service.api.deps import GradientPool, OrjsonResponse
 from service.api.fastpath import FastPathMiddleware
 from service.api.logging import RequestContextMiddleware
@@ -133,6 +134,14 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
             expose_headers=["X-Request-ID", "Retry-After"],
             max_age=600,  # browsers re-check the policy every 10 minutes at most
+        )
+    if settings.refusal_rate > 0:
+        # Outside all that refuses (auth, body limit, CORS, UM-Bridge errors): it sees each final status.
+        app.add_middleware(
+            RefusalBrake,
+            rate=settings.refusal_rate,
+            burst=settings.refusal_burst,
+            on_delay=metrics.refusals_delayed.observe,
         )
     # Outermost: every response, including CORS and auth refusals, carries the request id.
     app.add_middleware(RequestContextMiddleware, observer=metrics.observe_response)

@@ -130,6 +130,12 @@ class Metrics:
             "(TAPESERVE_RATE_LIMIT_STORE) did not answer.",
             registry=self.registry,
         )
+        self.refusals_delayed = Histogram(
+            "tapeserve_refusals_delayed_seconds",
+            "How long the refusal brake held 4xx answers of clients over their refusal allowance.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=self.registry,
+        )
         self._label_cache: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self._job_children: dict[tuple[type, str], tuple[Any, Any, Any, Any]] = {}
 

@@ -129,6 +129,15 @@ class Settings(BaseSettings):
     )
     # 20: a client's short burst (a page of concurrent calls) passes; only sustained excess is refused.
     rate_limit_burst: int = Field(20, ge=1, le=1_000_000, description="Requests a key may send at once.")
+    # 10 a second after a burst of 20: an ordinary client's mistakes never meet it; a loop of refused
+    # requests (hundreds a second) is paced to ~10 a second and stops costing everyone the API's loop.
+    refusal_rate: float = Field(
+        10.0,
+        ge=0.0,
+        description="Refusals (4xx answers) per second a client gets at once, after its burst; beyond, "
+        "they wait up to 1 s (0: off). Successful answers are never delayed.",
+    )
+    refusal_burst: int = Field(20, ge=1, le=1_000_000, description="Refusals a client may get at once.")
     # None: each process keeps its own buckets, so N replicas allow N times the rate; a Redis shared by
     # every replica makes the limit hold for the sum.
     rate_limit_store: str | None = Field(
