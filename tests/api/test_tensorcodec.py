@@ -134,3 +134,21 @@ def test_million_elements_fast_path() -> None:
     # Its speed is a bench/ figure (make bench: the 1M-element rows), not an assertion here.
     assert isinstance(encoded, np.ndarray)
     np.testing.assert_array_equal(decoded.ravel(), values)
+
+
+def test_a_large_list_is_converted_a_slice_at_a_time_with_the_same_result_and_the_same_refusals() -> None:
+    from service import tensorcodec
+
+    n = 3 * tensorcodec._SLICE_ELEMENTS + 7  # four slices, the last one short
+    flat = [float(i) * 0.5 for i in range(n)]
+    flat[5] = 3  # an int in the first slice, floats after: one float64 array, as np.array gives
+    assert np.array_equal(decode_tensor(flat, "float64", field="x"), np.array(flat))
+    rows = [[float(i), 1.0, 2.0] for i in range(n // 3)]
+    assert decode_tensor(rows, "float32", field="x").shape == (n // 3, 3)
+    # Ragged only in the last slice, a boolean only in the last slice: found all the same.
+    with pytest.raises(ShapeError):
+        decode_tensor([*rows[:-1], [1.0, 2.0]], "float64", field="x")
+    with pytest.raises(InvalidRequest, match="boolean"):
+        decode_tensor([*flat[:-1], True], "float64", field="x")
+    # A non-finite string late in the list takes the slow path and decodes.
+    assert np.isnan(decode_tensor([*flat[:-1], "NaN"], "float64", field="x")[-1])
