@@ -5,7 +5,7 @@ and two stand-ins (tests/deploy/standin.py) whose readiness the tests set, one r
 Checks that the not-ready replica gets no request, that a replica that stops being ready is taken out
 and comes back, that streamed training and the replicas' 413 pass through, that killing a replica
 moves the traffic without a failed request, and the balancer's own answer when no replica is ready.
-The tests share one topology and run in file order: the last one kills the replicas.
+The tests share one topology and run in file order: the kill test, which ends it, comes last.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import re
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ import pytest
 
 from tests.conftest import LiveServer, start_server, stop_server
 from tests.deploy.support import (
+    HAPROXY_CONFIG,
     HAProxy,
     StandIn,
     haproxy_binary,
@@ -46,6 +46,7 @@ class Topology:
     ready: StandIn
     starting: StandIn
     haproxy: HAProxy
+    ready_now: bool = True
 
     def served(self, since: int, path: str) -> list[str]:
         """The replica that answered each request for ``path`` logged after line ``since``."""
@@ -65,16 +66,13 @@ class Topology:
 
         wait_for(reached, f"haproxy's server states {expected}")
 
-    @contextmanager
-    def only_the_real_replica(self) -> Iterator[None]:
-        """The ready stand-in turns not ready for the duration: every request goes to the real one."""
-        self.ready.set_ready(False)
-        try:
-            self.wait_states(r1="UP", r2="DOWN", r3="DOWN")
-            yield
-        finally:
-            self.ready.set_ready(True)
-            self.wait_states(r1="UP", r2="UP", r3="DOWN")
+    def standin_ready(self, ready: bool) -> None:
+        """Sets the ready stand-in's readiness and waits until HAProxy has seen it (only if it changes:
+        the tests that need the real replica alone share one wait)."""
+        if self.ready_now != ready:
+            self.ready.set_ready(ready)
+            self.ready_now = ready
+        self.wait_states(r1="UP", r2="UP" if ready else "DOWN", r3="DOWN")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +136,7 @@ def _send(topology: Topology, count: int, seed: int) -> Counter[str]:
 
 
 def test_the_replica_that_is_not_ready_gets_no_request(topology: Topology) -> None:
+    topology.standin_ready(True)
     logged = len(topology.haproxy.log_lines())
     before = topology.ready.requests()
     requests = 20
@@ -151,8 +150,20 @@ def test_the_replica_that_is_not_ready_gets_no_request(topology: Topology) -> No
     assert all(m[3] == "0" for m in map(_LOG.search, topology.haproxy.log_lines()[logged:]) if m)
 
 
+def test_a_replica_that_stops_being_ready_leaves_and_comes_back(topology: Topology) -> None:
+    topology.standin_ready(False)
+    before = topology.ready.requests()
+    assert _send(topology, 10, seed=1) == {"r1": 10}
+    assert topology.ready.requests() == before
+    # Ready again: it takes turns with the real replica.
+    topology.standin_ready(True)
+    assert _send(topology, 10, seed=2)["r2"] >= 1
+    assert topology.starting.requests() == 0
+
+
 def test_request_ids_are_kept_or_made(topology: Topology) -> None:
-    with topology.only_the_real_replica(), httpx.Client(base_url=topology.haproxy.url, timeout=60) as client:
+    topology.standin_ready(False)  # the real replica alone until the kill test
+    with httpx.Client(base_url=topology.haproxy.url, timeout=60) as client:
         logged = len(topology.haproxy.log_lines())
         # The client's own id reaches the replica (which echoes it), and one is made when there is none.
         given = client.get("/healthz", headers={"X-Request-ID": "client-chosen-id"})
@@ -164,16 +175,6 @@ def test_request_ids_are_kept_or_made(topology: Topology) -> None:
     logs = "\n".join(topology.haproxy.log_lines()[logged:])
     for response in (given, made):
         assert f"request_id={response.headers['x-request-id']} " in logs, logs
-
-
-def test_a_replica_that_stops_being_ready_leaves_and_comes_back(topology: Topology) -> None:
-    with topology.only_the_real_replica():
-        before = topology.ready.requests()
-        assert _send(topology, 10, seed=1) == {"r1": 10}
-        assert topology.ready.requests() == before
-    # Ready again: it takes turns with the real replica.
-    assert _send(topology, 10, seed=2)["r2"] >= 1
-    assert topology.starting.requests() == 0
 
 
 def _jobs(replica: LiveServer) -> int:
@@ -200,7 +201,8 @@ def test_streamed_training_arrives_line_by_line(topology: Topology) -> None:
     chunks, every = 6, 200
     lines: list[dict[str, Any]] = []
     jobs_at_first_line = None
-    with topology.only_the_real_replica(), httpx.Client(base_url=topology.haproxy.url, timeout=120) as client:
+    topology.standin_ready(False)
+    with httpx.Client(base_url=topology.haproxy.url, timeout=120) as client:
         before = _jobs(topology.real)
         with client.stream(
             "POST",
@@ -226,7 +228,8 @@ def test_the_replicas_413_passes_through(topology: Topology) -> None:
     big = json.dumps({"expression": "x", "variables": {"x": [0.0] * (MAX_BODY_BYTES // 4)}})
     assert len(big) > MAX_BODY_BYTES
     headers = {"Content-Type": "application/json"}
-    with topology.only_the_real_replica(), httpx.Client(base_url=topology.haproxy.url, timeout=60) as client:
+    topology.standin_ready(False)
+    with httpx.Client(base_url=topology.haproxy.url, timeout=60) as client:
         response = client.post("/v1/gradient", content=big, headers=headers)
         assert response.status_code == 413
         assert response.headers["content-type"] == "application/problem+json"
@@ -242,6 +245,7 @@ def test_the_replicas_413_passes_through(topology: Topology) -> None:
 
 
 def test_killing_a_replica_moves_the_traffic_without_a_failure(topology: Topology) -> None:
+    topology.standin_ready(True)
     rng = np.random.default_rng(4)
     inputs = [rng.normal(size=4) for _ in range(60)]
     answered: list[str | BaseException] = []
@@ -287,3 +291,19 @@ def test_killing_a_replica_moves_the_traffic_without_a_failure(topology: Topolog
     response = httpx.post(f"{topology.haproxy.url}/umbridge/Evaluate", json={}, timeout=60.0)
     assert response.status_code == 503 and response.json()["error"]["type"] == "Overloaded"
     assert topology.starting.requests() == 0
+
+
+def test_the_balancers_own_503_is_a_valid_http_response() -> None:
+    """errors/overloaded.http is sent byte for byte: its status line, headers and length must be right."""
+    raw = (HAPROXY_CONFIG.parent / "errors" / "overloaded.http").read_bytes()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status, *header_lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    assert status == "HTTP/1.1 503 Service Unavailable"
+    assert int(headers["content-length"]) == len(body)
+    assert headers["content-type"] == "application/problem+json" and headers["retry-after"] == "1"
+    problem = json.loads(body)
+    assert problem["status"] == 503 and problem["code"] == "overloaded"
+    # The codes HAProxy itself would answer are all this one.
+    for code in (502, 503, 504):
+        assert f"errorfile {code} errors/overloaded.http" in HAPROXY_CONFIG.read_text()
