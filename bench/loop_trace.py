@@ -31,7 +31,7 @@ RK4 = {
 LSTM = {
     "cell": {
         "params": ["s", "x", "w", "b"],
-        "body": "concatenate([sigmoid(w[0] * x + b[0]) * tanh(sigmoid(w[1] * s[1] + b[1]) * s[1]"
+        "body": "stack([sigmoid(w[0] * x + b[0]) * tanh(sigmoid(w[1] * s[1] + b[1]) * s[1]"
         " + sigmoid(w[2] * x + b[2]) * tanh(w[3] * s[0] + b[3])), sigmoid(w[1] * s[1] + b[1]) * s[1]"
         " + sigmoid(w[2] * x + b[2]) * tanh(w[3] * s[0] + b[3])])",
     },
