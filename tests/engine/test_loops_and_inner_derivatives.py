@@ -400,3 +400,33 @@ def test_derivatives_inside_count_towards_the_highest_order() -> None:
         run("sum(hvp(f, x, x))", {"x": X}, QUARTIC, order=3)
     assert caught.value.to_dict()["limit"] == "max_order" and "5 in all" in caught.value.detail
     run("sum(hvp(f, x, x))", {"x": X}, QUARTIC, derivatives=("hessian",))  # 2 + 2 = 4: allowed
+
+
+NEWTON = {
+    "f": {"params": ["x", "c"], "body": "sum(x**3 / 3 - c * x)"},  # gradient x**2 - c, Hessian diag(2x)
+    "newton": {"params": ["i", "x", "c"], "body": "x - grad(f, x, c) / hvp(f, x, ones_like(x), c)"},
+}
+
+
+def newton_objective(v: Arrays) -> float:
+    x = v["x0"].copy()
+    for _ in range(3):
+        x = x - (x**2 - v["c"]) / (2 * x)
+    return float(np.sum(x * np.array([1.0, 0.5])))
+
+
+def test_newton_steps_with_grad_and_hvp_inside_a_loop() -> None:
+    # f is separable, so its Hessian is diagonal and hvp with ones is that diagonal: Newton's
+    # iteration for sqrt(c), three steps, then differentiated in the start and in c.
+    expression = "sum(fori(3, newton, x0, c) * [1, 0.5])"
+    variables = {"x0": np.array([1.3, 2.5]), "c": np.array([2.0, 5.0])}
+    result = run(expression, variables, NEWTON, derivatives=("gradient", "hessian"))
+    assert_close(result.value, newton_objective(variables), CLOSED_FORM, "value")
+    assert result.gradient is not None and result.hessian is not None
+    for name in variables:
+        expected = finite_difference(newton_objective, variables, name, FIRST_ORDER_STEP, 3)
+        assert_close(result.gradient[name], expected, FINITE_DIFFERENCE.scaled(expected), f"gradient {name}")
+    expected = finite_difference(
+        engine_gradient(expression, NEWTON, "c"), variables, "c", SECOND_ORDER_STEP, 5
+    )
+    assert_close(result.hessian["c"]["c"], expected, FINITE_DIFFERENCE.scaled(expected), "hessian c")
