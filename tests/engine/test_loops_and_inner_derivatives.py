@@ -430,3 +430,37 @@ def test_newton_steps_with_grad_and_hvp_inside_a_loop() -> None:
         engine_gradient(expression, NEWTON, "c"), variables, "c", SECOND_ORDER_STEP, 5
     )
     assert_close(result.hessian["c"]["c"], expected, FINITE_DIFFERENCE.scaled(expected), "hessian c")
+
+
+SADDLE = {
+    "f": {"params": ["a", "b"], "body": "sum(a**2) - sum(b**2) + sum(a * b) / 2 + sum(a**4) / 10"},
+    "f_in_b": {"params": ["b", "a"], "body": "f(a, b)"},  # grad differentiates the first parameter
+    "ascend": {"params": ["i", "b", "a"], "body": "b + 0.2 * grad(f_in_b, b, a)"},
+    "best_reply": {"params": ["a", "b0"], "body": "f(a, fori(4, ascend, b0, a))"},
+    "descend": {"params": ["i", "a", "b0"], "body": "a - 0.2 * grad(best_reply, a, b0)"},
+}
+
+
+def saddle_objective(v: Arrays) -> float:
+    """The same iteration with hand-derived gradients: b after 4 ascent steps is 0.6**4 b0 + 0.2176 a."""
+    a, b0 = v["a0"].copy(), v["b0"]
+    for _ in range(4):
+        b = b0.copy()
+        for _ in range(4):
+            b = b + 0.2 * (-2 * b + a / 2)
+        # total derivative of f(a, b(a)) in a: df/da + (db/da) df/db, db/da = 0.2176 I
+        a = a - 0.2 * (2 * a + b / 2 + 0.4 * a**3 + 0.2176 * (-2 * b + a / 2))
+    return float(np.sum(a * np.array([1.0, -1.5])))
+
+
+def test_descent_on_a_best_reply_found_by_ascent_nests_derivatives_twice() -> None:
+    # GradBench's saddle pattern: the inner loop's grad sits inside the function the outer grad
+    # differentiates, and the engine's gradient is a third tape around both.
+    expression = "sum(fori(4, descend, a0, b0) * [1, -1.5])"
+    variables = {"a0": np.array([1.0, -0.5]), "b0": np.array([0.3, 0.2])}
+    result = run(expression, variables, SADDLE, derivatives=("gradient",))
+    assert_close(result.value, saddle_objective(variables), CLOSED_FORM, "value")
+    assert result.gradient is not None
+    for name in variables:
+        expected = finite_difference(saddle_objective, variables, name, FIRST_ORDER_STEP, 3)
+        assert_close(result.gradient[name], expected, FINITE_DIFFERENCE.scaled(expected), f"gradient {name}")
