@@ -12,6 +12,7 @@ from fastapi.routing import APIRoute
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
+from service.api import endpoints
 from service.api.batching import Batcher
 from service.api.body_limit import BodyLimitMiddleware
 from service.api.brake import RefusalBrake
@@ -22,7 +23,7 @@ from service.api.metrics import MeteredPool, Metrics
 from service.api.metrics import router as metrics_router
 from service.api.problems import document_problem_media_type, install_problem_handlers
 from service.api.ratelimit import make_limiter
-from service.api.routes import functions, gradient, health, model, playground, step, umbridge
+from service.api.routes import functions, health, playground, umbridge
 from service.api.schemas import TENSOR_COMPONENTS
 from service.api.security import AuthMiddleware, document_api_keys
 from service.api.settings import Settings
@@ -96,7 +97,9 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
     app.state.metrics = metrics
     app.state.umbridge_models = _umbridge_models(settings)
     install_problem_handlers(app)
-    for module in (gradient, step, model, functions, health, umbridge, playground):
+    computing = endpoints.router(endpoints.ENDPOINTS)  # every computing POST of /v1, from the one table
+    app.include_router(computing)
+    for module in (functions, health, umbridge, playground):
         _summaries_from_docstrings(module.router.routes)
         app.include_router(module.router)
     playground.mount_static(app)
@@ -106,14 +109,8 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
     app.add_middleware(
         FastPathMiddleware,
         state=app.state,
-        endpoints={
-            "/v1/gradient": gradient.FAST_ENDPOINT,
-            "/gradient": gradient.FAST_ENDPOINT,
-            "/v1/model/gradient": model.FAST_MODEL_GRADIENT,
-            "/v1/model/train-step": model.FAST_TRAIN_STEP,
-            "/v1/step": step.FAST_STEP,
-        },
-        routes=[*gradient.router.routes, *model.router.routes, *step.router.routes],
+        endpoints=endpoints.fast_endpoints(endpoints.ENDPOINTS),
+        routes=computing.routes,
     )
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     # Outside the body limit (a refused client's body is never read), inside the UM-Bridge errors.

@@ -130,8 +130,10 @@ def test_auth_and_body_limits_still_apply() -> None:
 
 
 def test_train_steps_take_the_fast_path_unless_they_stream() -> None:
+    from service.api.endpoints import fast_endpoints
     from service.api.model_schemas import TrainStepRequest
-    from service.api.routes.model import FAST_TRAIN_STEP
+
+    FAST_TRAIN_STEP = fast_endpoints()["/v1/model/train-step"]
 
     base = {"model": {"input_shape": [2], "layers": [{"type": "dense", "units": 1}]}, "x": [[1.0, 2.0]],
             "y": [[0.5]], "loss": "mse", "optimizer": {"type": "sgd", "learning_rate": 0.1}}  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.api import Settings, create_app, fastpath
+from service.api import Settings, create_app, endpoints, fastpath
 from service.api.offload import (
     ON_LOOP_BODY_BYTES,
     ON_LOOP_ELEMENTS,
@@ -24,7 +25,6 @@ from service.api.offload import (
     RequestWork,
     claimed_elements,
 )
-from service.api.routes import gradient as gradient_route
 from service.api.routes import umbridge as umbridge_route
 from service.expr import program
 from service.expr.program import check_program, unchecked_chars
@@ -53,8 +53,25 @@ class Spy:
 
 
 @pytest.fixture
+def build_spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
+    """The gradient endpoint's job builder, watched (the app is built from the patched table)."""
+    spy = Spy(endpoints.GRADIENT.build)  # type: ignore[arg-type]
+    spied = dataclasses.replace(endpoints.GRADIENT, build=spy)
+    table = tuple(spied if e is endpoints.GRADIENT else e for e in endpoints.ENDPOINTS)
+    monkeypatch.setattr(endpoints, "ENDPOINTS", table)
+    return spy
+
+
+@pytest.fixture
 def client() -> Iterator[TestClient]:
     program._CHECKED_PROGRAMS.clear()  # each test decides about programs it has not sent before
+    with TestClient(create_app(Settings(), pool=FakePool()), raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def spied_client(build_spy: Spy) -> Iterator[TestClient]:
+    program._CHECKED_PROGRAMS.clear()
     with TestClient(create_app(Settings(), pool=FakePool()), raise_server_exceptions=False) as test_client:
         yield test_client
 
@@ -94,10 +111,9 @@ def test_a_program_costs_its_text_until_it_has_been_checked_once() -> None:
 
 
 def test_a_long_new_program_is_checked_in_a_thread_and_its_repeat_on_the_loop(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    spied_client: TestClient, build_spy: Spy
 ) -> None:
-    spy = Spy(gradient_route.build_gradient_job)
-    monkeypatch.setattr(gradient_route, "build_gradient_job", spy)
+    client, spy = spied_client, build_spy
     short = {"expression": "sum(x ** 2)", "variables": {"x": [1.0, 2.0]}}
     long = {"expression": _long_program(2_000, "2"), "variables": {"x": [1.0, 2.0]}}
     for body in (short, long, long):
@@ -107,10 +123,9 @@ def test_a_long_new_program_is_checked_in_a_thread_and_its_repeat_on_the_loop(
 
 
 def test_many_elements_are_decoded_in_a_thread_whatever_the_body_s_bytes(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch
+    spied_client: TestClient, build_spy: Spy
 ) -> None:
-    spy = Spy(gradient_route.build_gradient_job)
-    monkeypatch.setattr(gradient_route, "build_gradient_job", spy)
+    client, spy = spied_client, build_spy
     n = ON_LOOP_ELEMENTS + 1
     packed = base64.b64encode(np.zeros(n).tobytes()).decode()  # ~350 KB: under the body threshold
     as_base64 = {"dtype": "float64", "shape": [n], "b64": packed}

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from fastapi.testclient import TestClient
+from starlette.datastructures import State
 
-from service.api import Settings, create_app
+from service.api import Settings, create_app, endpoints, offload
 from service.api.model_job import request_elements
 from service.api.model_schemas import ModelSpec, TrainStepRequest
-from service.api.routes import model as model_routes
-from service.api.routes.model import run_train_step
 from service.engine import execute
 from service.engine.jobs import ModelGradientJob, ModelGradientResult, TrainStepJob, TrainStepResult
 from service.errors import ShapeError
@@ -334,6 +333,11 @@ def test_a_mismatched_weight_shape_is_a_422_shape_error_naming_the_field(
     assert "[2, 8]" in problem["detail"] and "[8, 2]" in problem["detail"]
 
 
+def run_train_step(request: TrainStepRequest, settings: Settings, pool: InlinePool) -> Any:
+    """The endpoint table's one path for a train-step, with the app's state and no HTTP request."""
+    return endpoints.serve(endpoints.TRAIN_STEP, request, State({"settings": settings, "pool": pool}))
+
+
 def test_run_train_step_is_a_plain_coroutine_without_a_request() -> None:
     request = TrainStepRequest.model_validate(body(WEIGHTS, None, "base64") | {"steps": 2})
     content = asyncio.run(run_train_step(request, Settings(), InlinePool()))
@@ -351,7 +355,8 @@ def test_run_train_step_is_a_plain_coroutine_without_a_request() -> None:
 def test_large_requests_decode_and_render_in_a_thread_with_the_same_result(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(model_routes, "ON_LOOP_ELEMENTS", 0)
+    monkeypatch.setattr(offload, "ON_LOOP_ELEMENTS", 0)  # where the job is built
+    monkeypatch.setattr(endpoints, "ON_LOOP_ELEMENTS", 0)  # where the result is rendered
     request = TrainStepRequest.model_validate(body(WEIGHTS, None, "json"))
     content = asyncio.run(run_train_step(request, Settings(), InlinePool()))
     weights, _, _ = keras_steps(WEIGHTS, 1)
