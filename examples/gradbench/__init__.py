@@ -1,4 +1,5 @@
-"""GradBench's evals (github.com/gradbench/gradbench) written as tapeserve requests, one module per eval.
+"""GradBench's evals (github.com/gradbench/gradbench) written as tapeserve requests, one module per eval
+(all but ht).
 
 Each module has ``FUNCTIONS``: the eval's function names mapped to ``(client, input) -> output``,
 where ``input`` is the eval's JSON input and ``output`` what GradBench expects back. The service does

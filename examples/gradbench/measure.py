@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from examples.gradbench import ba, det, gmm, hello, kmeans, llsq, lse
+from examples.gradbench import ba, det, gmm, hello, kmeans, llsq, lse, lstm, ode, particle, saddle
 from service.client import Client
 
 TOLERANCE = 1e-4
@@ -244,19 +244,140 @@ def ba_cases(data: Path | None) -> Iterator[Case]:
         )
 
 
+def _ode(x: np.ndarray, s: int) -> np.ndarray:
+    y, h = np.zeros_like(x), 2 / s
+
+    def slope(y: np.ndarray) -> np.ndarray:
+        return np.concatenate([x[:1], x[1:] * y[:-1]])
+
+    for _ in range(s):
+        k1 = slope(y)
+        k2 = slope(y + h * k1 / 2)
+        k3 = slope(y + h * k2 / 2)
+        y = y + h * (k1 + 2 * k2 + 2 * k3 + slope(y + h * k3)) / 6
+    return y
+
+
+def _sampled_gradient_error(
+    out: Any, fn: Callable[[np.ndarray], float], x: np.ndarray, count: int = 6
+) -> float:
+    """GradBench's error of ``out`` (flat) at ``count`` sampled coordinates, by central differences."""
+    got, worst, sample = np.asarray(out, np.float64).ravel(), 0.0, np.random.default_rng(0)
+    for index in sample.choice(x.size, size=min(count, x.size), replace=False):
+        up, down = x.ravel().copy(), x.ravel().copy()
+        up[index] += STEP
+        down[index] -= STEP
+        fd = (fn(up.reshape(x.shape)) - fn(down.reshape(x.shape))) / (2 * STEP)
+        worst = max(worst, gradbench_error(got[index], fd))
+    return worst
+
+
+def ode_cases() -> Iterator[Case]:
+    np.random.seed(31337)
+    for n, s in sorted(
+        [(n, s) for n in [1000, 10000, 100000] for s in [1, 10, 100]], key=lambda v: v[0] * v[1]
+    ):
+        x = np.random.rand(n)
+        input = {"x": x.tolist(), "s": s}
+        y = _ode(x, s)
+        yield "primal", f"n={n},s={s}", input, lambda out, y=y: gradbench_error(out, y)
+        yield (
+            "gradient",
+            f"n={n},s={s}",
+            input,
+            lambda out, x=x, s=s: _sampled_gradient_error(out, lambda v: float(_ode(v, s)[-1]), x),
+        )
+
+
+def _lstm_loss(main: np.ndarray, extra: np.ndarray, state: np.ndarray, sequence: np.ndarray) -> float:
+    layers, b = main.shape[0] // 2, main.shape[1] // 4
+    hidden, cell = state[0::2].copy(), state[1::2].copy()
+    total = 0.0
+    for t in range(sequence.shape[0] - 1):
+        value = sequence[t] * extra[0]
+        for i in range(layers):
+            weight, bias = main[2 * i].reshape(4, b), main[2 * i + 1].reshape(4, b)
+            cell[i] = cell[i] / (1 + np.exp(-(value * weight[0] + bias[0]))) + np.tanh(
+                hidden[i] * weight[3] + bias[3]
+            ) / (1 + np.exp(-(hidden[i] * weight[1] + bias[1])))
+            hidden[i] = np.tanh(cell[i]) / (1 + np.exp(-(value * weight[2] + bias[2])))
+            value = hidden[i]
+        prediction = value * extra[1] + extra[2]
+        total += float(sequence[t + 1] @ (prediction - math.log(np.sum(np.exp(prediction)) + 2)))
+    return -total / ((sequence.shape[0] - 1) * b)
+
+
+def lstm_cases(text_path: Path | None) -> Iterator[Case]:
+    # GradBench reads evals/lstm/data/lstm_full.txt; any text of the length gives the same shapes
+    text = text_path.read_text(encoding="utf8") if text_path else Path(__file__).read_text() * 40
+    for layers, c in sorted(
+        [(la, c) for la in [2, 4, 6] for c in [1024, 4096, 8192]], key=lambda v: v[0] * v[1]
+    ):
+        used = text[:c]
+        bits = math.ceil(math.log2(max(ord(ch) for ch in used)))
+        sequence = np.array([[float(d) for d in bin(ord(ch))[2:].zfill(bits)] for ch in used])
+        state = np.random.random((2 * layers, bits))
+        main = np.random.random((2 * layers, bits * 4))
+        extra = np.random.random((3, bits))
+        input = {"main_params": main.tolist(), "extra_params": extra.tolist(), "state": state.tolist(),
+                 "sequence": sequence.tolist()}  # fmt: skip
+        value = _lstm_loss(main, extra, state, sequence)
+        yield "objective", f"l={layers},c={c}", input, lambda out, v=value: gradbench_error(out, v)
+
+        def check(out: Any, main: np.ndarray = main, extra: np.ndarray = extra, state: np.ndarray = state,
+                  sequence: np.ndarray = sequence) -> float:  # fmt: skip
+            got = np.asarray(out, np.float64)
+            return max(
+                _sampled_gradient_error(
+                    got[: main.size], lambda v: _lstm_loss(v, extra, state, sequence), main
+                ),
+                _sampled_gradient_error(
+                    got[main.size :], lambda v: _lstm_loss(main, v, state, sequence), extra
+                ),
+            )
+
+        yield "jacobian", f"l={layers},c={c}", input, check
+
+
+def saddle_cases() -> Iterator[Case]:
+    # GradBench's eval checks every variant against this answer from (1, 1)
+    for function in ("rr", "ff", "fr", "rf"):
+        yield (
+            function,
+            "start=(1,1)",
+            {"start": [1.0, 1.0]},
+            lambda out: gradbench_error(out, [8.246324826140356e-06] * 4),
+        )
+
+
+def particle_cases() -> Iterator[Case]:
+    # GradBench's eval checks every variant against this answer from w = 0
+    for function in ("rr", "ff", "fr", "rf"):
+        yield function, "w=0", {"w": 0.0}, lambda out: gradbench_error(out, 0.2071918746486116)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", default=None)
-    parser.add_argument("--evals", nargs="+", default=["hello", "lse", "llsq", "det", "kmeans", "gmm", "ba"])
+    parser.add_argument(
+        "--evals",
+        nargs="+",
+        default=["hello", "lse", "llsq", "det", "kmeans", "gmm", "ba", "ode", "lstm", "saddle", "particle"],
+    )
     parser.add_argument("--ba-data", type=Path, default=None, help="GradBench's evals/ba/data")
+    parser.add_argument(
+        "--lstm-text", type=Path, default=None, help="GradBench's evals/lstm/data/lstm_full.txt"
+    )
     parser.add_argument("--warm", type=int, default=2)
     args = parser.parse_args()
     sources: dict[str, tuple[Any, Callable[[], Iterator[Case]]]] = {
         "hello": (hello, hello_cases), "lse": (lse, lse_cases), "llsq": (llsq, llsq_cases),
         "det": (det, det_cases), "kmeans": (kmeans, kmeans_cases), "gmm": (gmm, gmm_cases),
         "ba": (ba, lambda: ba_cases(args.ba_data)),
+        "ode": (ode, ode_cases), "lstm": (lstm, lambda: lstm_cases(args.lstm_text)),
+        "saddle": (saddle, saddle_cases), "particle": (particle, particle_cases),
     }  # fmt: skip
     with Client(args.url, timeout=600) as client:
         for name in args.evals:

@@ -24,7 +24,7 @@ from typing import Any
 from examples.gradbench import Evaluate
 from service.client import Client, TapeserveError
 
-EVALS = ("hello", "lse", "llsq", "gmm", "kmeans", "det", "ba")
+EVALS = ("hello", "lse", "llsq", "gmm", "kmeans", "det", "ba", "ode", "lstm", "particle", "saddle")
 
 
 def load(name: str) -> Mapping[str, Evaluate] | None:

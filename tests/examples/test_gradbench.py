@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from examples.gradbench import ba, det, gmm, hello, kmeans, llsq, lse
+from examples.gradbench import ba, det, gmm, hello, kmeans, llsq, lse, lstm, ode, particle, saddle
 from service.client import Client
 from tests.conftest import LiveServer
 
@@ -32,6 +32,16 @@ def assert_gradbench_close(actual: Any, expected: Any, what: str) -> None:
     error = np.abs(a - e) / np.maximum(1.0, np.abs(a) + np.abs(e))
     worst = float(np.max(error, initial=0.0))
     assert worst <= GRADBENCH_TOLERANCE, f"{what}: GradBench error {worst:.3g} > {GRADBENCH_TOLERANCE}"
+
+
+def assert_same_iterates(actual: Any, expected: Any, what: str) -> None:
+    """A solver's iterates against the same rules run in numpy, relative 1e-6: both take the same
+    accept/reject decisions, so they differ only by their gradients (exact vs central differences,
+    ~1e-8 relative) carried through a few dozen steps. GradBench's bound (1e-4 absolute below 1)
+    would not notice a wrong step of a solver that has moved only 0.003."""
+    np.testing.assert_allclose(
+        np.asarray(actual, np.float64), np.asarray(expected, np.float64), rtol=1e-6, err_msg=what
+    )
 
 
 def central_difference(fn: Callable[[np.ndarray], float], x: np.ndarray) -> np.ndarray:
@@ -258,3 +268,157 @@ def test_ba_gradbench_form(client: Client) -> None:
     first_rows = np.concatenate([np.concatenate([fd["cam"][i], fd["X"][i], [fd["w"][i]]]) for i in range(2)])
     assert_gradbench_close(matrix["vals"][:30], first_rows, "first two rows")
     assert_gradbench_close(matrix["vals"][-1], fd["w"][2], "last weight row")
+
+
+# -- evals with loops and derivatives inside the expression ------------------------------------
+
+
+def _ode(x: np.ndarray, s: int) -> np.ndarray:
+    """s classical Runge-Kutta steps of y0' = x0, yi' = xi y(i-1) from y(0) = 0 to t = 2."""
+    y, h = np.zeros_like(x), 2 / s
+
+    def slope(y: np.ndarray) -> np.ndarray:
+        return np.concatenate([x[:1], x[1:] * y[:-1]])
+
+    for _ in range(s):
+        k1 = slope(y)
+        k2 = slope(y + h * k1 / 2)
+        k3 = slope(y + h * k2 / 2)
+        y = y + h * (k1 + 2 * k2 + 2 * k3 + slope(y + h * k3)) / 6
+    return y
+
+
+def test_ode(client: Client) -> None:
+    x = np.random.default_rng(13).uniform(0.5, 1.5, 6)
+    input = {"x": x.tolist(), "s": 4}
+    assert_gradbench_close(ode.FUNCTIONS["primal"](client, input), _ode(x, 4), "primal")
+    expected = central_difference(lambda v: float(_ode(v, 4)[-1]), x)
+    assert_gradbench_close(ode.FUNCTIONS["gradient"](client, input), expected, "gradient")
+
+
+def _lstm_loss(main: np.ndarray, extra: np.ndarray, state: np.ndarray, sequence: np.ndarray) -> float:
+    """The definition step by step: each character through every layer, scored against the next one."""
+    layers, b = main.shape[0] // 2, main.shape[1] // 4
+    hidden, cell = state[0::2].copy(), state[1::2].copy()
+    total = 0.0
+    for t in range(sequence.shape[0] - 1):
+        value = sequence[t] * extra[0]
+        for i in range(layers):
+            weight, bias = main[2 * i].reshape(4, b), main[2 * i + 1].reshape(4, b)
+            forget = 1 / (1 + np.exp(-(value * weight[0] + bias[0])))
+            ingate = 1 / (1 + np.exp(-(hidden[i] * weight[1] + bias[1])))
+            outgate = 1 / (1 + np.exp(-(value * weight[2] + bias[2])))
+            change = np.tanh(hidden[i] * weight[3] + bias[3])
+            cell[i] = cell[i] * forget + ingate * change
+            hidden[i] = outgate * np.tanh(cell[i])
+            value = hidden[i]
+        prediction = value * extra[1] + extra[2]
+        total += float(sequence[t + 1] @ (prediction - math.log(np.sum(np.exp(prediction)) + 2)))
+    return -total / ((sequence.shape[0] - 1) * b)
+
+
+def test_lstm(client: Client) -> None:
+    rng = np.random.default_rng(17)
+    layers, b, c = 2, 3, 7
+    arrays = {
+        "main_params": rng.random((2 * layers, 4 * b)),
+        "extra_params": rng.random((3, b)),
+        "state": rng.random((2 * layers, b)),
+        "sequence": rng.integers(0, 2, (c, b)).astype(np.float64),
+    }
+    input = {name: value.tolist() for name, value in arrays.items()}
+    main, extra = arrays["main_params"], arrays["extra_params"]
+    rest = (arrays["state"], arrays["sequence"])
+    assert_gradbench_close(
+        lstm.FUNCTIONS["objective"](client, input), _lstm_loss(main, extra, *rest), "objective"
+    )
+    expected = np.concatenate([
+        central_difference(lambda v: _lstm_loss(v, extra, *rest), main).ravel(),
+        central_difference(lambda v: _lstm_loss(main, v, *rest), extra).ravel(),
+    ])  # fmt: skip
+    assert_gradbench_close(lstm.FUNCTIONS["jacobian"](client, input), expected, "jacobian")
+
+
+def _descend(
+    f: Callable[[np.ndarray], float], g: Callable[[np.ndarray], np.ndarray], x: np.ndarray, steps: int
+) -> np.ndarray:
+    """GradBench's solver (README of particle/saddle, tools' solvers), ``steps`` iterations at most."""
+    fx, gx, eta, accepted = f(x), g(x), 1e-5, 0
+    for _ in range(steps):
+        if np.linalg.norm(gx) <= 1e-5:
+            break
+        if accepted == 10:
+            eta, accepted = 2 * eta, 0
+            continue
+        trial = x - eta * gx
+        if np.linalg.norm(trial - x) <= 1e-5:
+            break
+        f_trial = f(trial)
+        if f_trial < fx:
+            x, fx, gx, accepted = trial, f_trial, g(trial), accepted + 1
+        else:
+            eta, accepted = eta / 2, 0
+    return x
+
+
+def test_saddle_solvers_step_for_step(client: Client) -> None:
+    # 40 iterations of each solver (not yet converged: every rule is exercised, eta has doubled)
+    # against the same rules in numpy. The inner argmax of |p1|^2 - |p|^2 does not depend on p1,
+    # so the outer gradient is 2 p1 exactly, through the inner solver or not.
+    start = np.array([1.0, 1.0])
+    functions, expression = saddle.program(steps=40)
+    state = np.asarray(client.compute(expression, {"start": start}, functions=functions, derivatives=(),
+                                      dtype="float64").value)  # fmt: skip
+
+    def inner(p1: np.ndarray) -> np.ndarray:
+        return _descend(lambda p: -(p1 @ p1 - p @ p), lambda p: 2 * p, start, 40)
+
+    r1 = _descend(lambda p1: p1 @ p1 - inner(p1) @ inner(p1), lambda p1: 2 * p1, start, 40)
+    assert_same_iterates(state[0:2], r1, "argmin x after 40 iterations")
+    assert_same_iterates(state[8:10], inner(r1), "argmax y after 40 iterations")
+    assert np.all(state[0:2] < 0.999) and state[7] == 1.0  # it moved, and it is still running
+
+
+def test_saddle_stops_where_the_gradient_vanishes(client: Client) -> None:
+    # |grad| = 2 |start| <= 1e-5: both solvers stop at once (their running flags drop) and stay
+    start = np.array([3e-6, -2e-6])
+    functions, expression = saddle.program(steps=5)
+    state = np.asarray(client.compute(expression, {"start": start}, functions=functions, derivatives=(),
+                                      dtype="float64").value)  # fmt: skip
+    assert state[7] == 0.0 and state[15] == 0.0
+    np.testing.assert_array_equal(state[0:2], start)
+    np.testing.assert_array_equal(state[8:10], start)
+
+
+def _particle_miss(w: float) -> float:
+    charges = [np.array([10.0, 10.0 - w]), np.array([10.0, 0.0])]
+    x, velocity = np.array([0.0, 8.0]), np.array([0.75, 0.0])
+    while True:
+        force = sum((x - c) / np.linalg.norm(x - c) ** 3 for c in charges)  # -grad of sum 1/|x - c|
+        moved = x + 0.1 * velocity
+        if moved[1] <= 0:
+            break
+        x, velocity = moved, velocity + 0.1 * force
+    return float((x[0] - x[1] / velocity[1] * velocity[0]) ** 2)
+
+
+def test_particle_trajectory_and_its_derivative(client: Client) -> None:
+    functions, _ = particle.program(solver_steps=1)
+    for w in (0.0, 0.15):
+        result = client.compute("miss(w)", {"w": np.array([w])}, functions=functions, dtype="float64")
+        assert_gradbench_close(result.value, _particle_miss(w), f"miss({w})")
+        fd = (_particle_miss(w + STEP) - _particle_miss(w - STEP)) / (2 * STEP)
+        assert_gradbench_close(result.gradient["w"], [fd], f"d miss / dw at {w}")
+
+
+def test_particle_solver_step_for_step(client: Client) -> None:
+    functions, expression = particle.program(solver_steps=15)
+    state = client.compute(
+        expression, {"w0": np.array([0.0])}, functions=functions, derivatives=(), dtype="float64"
+    )
+
+    def gradient(w: np.ndarray) -> np.ndarray:
+        return np.array([(_particle_miss(w[0] + STEP) - _particle_miss(w[0] - STEP)) / (2 * STEP)])
+
+    expected = _descend(lambda w: _particle_miss(float(w[0])), gradient, np.array([0.0]), 15)
+    assert_same_iterates(np.asarray(state.value)[0], expected[0], "w after 15 iterations")
