@@ -107,7 +107,8 @@ def test_build_makes_a_wheel_and_an_sdist_named_as_in_the_readme(client_venv: Cl
     with zipfile.ZipFile(client_venv.dist / wheel) as archive:
         names = set(archive.namelist())
     # Code and the playground's files (package data) are in; the tests are not.
-    assert {"service/client/__init__.py", "service/cli.py", "service/playground/index.html"} <= names
+    code = {"service/client/__init__.py", "service/cli/__init__.py", "service/cli/__main__.py"}
+    assert code | {"service/playground/index.html"} <= names
     assert not any(name.startswith("tests/") for name in names)
 
 
