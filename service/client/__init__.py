@@ -8,22 +8,30 @@
         x = ts.Var("x")
         client.hessian((100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum(), x=[1.5, -0.5, 2.0])
 
-``AsyncClient`` has the same methods, awaited. Needs only httpx, pydantic and numpy: nothing here
-imports the server, FastAPI or TensorFlow. The language's built-ins (``ts.sin``, ``ts.sum``...) build
-expressions, as ``Var`` does.
+``AsyncClient`` has the same methods, awaited. Needs only httpx, pydantic and numpy. The language's
+built-ins (``ts.sin``, ``ts.sum``...) build expressions, as ``Var`` does.
+
+Inside, as in httpx: small private modules behind this ``__all__``. A sans-IO core builds each
+call and reads each answer; ``Client`` and ``AsyncClient`` only send and wait::
+
+    _builder, _functions   Var, Expr and the built-ins: Python operators -> expression text
+    _wire                  numpy <-> wire tensors (service.tensorcodec), request bodies as bytes
+    _requests, _models     Call (method, path, body, parser) for the gradient / model and step endpoints
+    _results               answers -> result objects (Derivatives, Functions, Readiness, pickers)
+    _endpoints             one method per client method: its signature, docstring and Call
+    _core                  configuration, the HTTP request of a Call, answer -> result or exception,
+                           NDJSON lines
+    _exceptions, _retry    the exception tree (one map from problem code / status to class); Retry
+    _client                Client and AsyncClient: send, wait, retry
+
+The import rule: the client imports from the server side only the base modules that anyone may
+import, ``service.tensorcodec`` (the one definition of the wire format) and what it stands on,
+``service.errors`` and ``service.limits``; never the API, engine, workers, expression compiler,
+models, FastAPI or TensorFlow (tests/client/test_import_boundary.py checks it).
 """
 
 from service.client._builder import Expr, Var, call
-from service.client._client import (
-    AsyncClient,
-    AsyncTrainingRun,
-    Client,
-    ConstantInfo,
-    FunctionInfo,
-    Functions,
-    Readiness,
-    TrainingRun,
-)
+from service.client._client import AsyncClient, AsyncTrainingRun, Client, TrainingRun
 from service.client._exceptions import (
     APIError,
     ConnectError,
@@ -156,8 +164,8 @@ from service.client._models import (
     TrainResult,
     WeightInfo,
 )
+from service.client._results import ConstantInfo, Derivatives, FunctionInfo, Functions, Meta, Readiness
 from service.client._retry import Retry
-from service.client._wire import Derivatives, Meta
 
 __all__ = [
     "WeightInfo",

@@ -1,4 +1,4 @@
-"""The client's exceptions: one class per problem ``code``, raised from one place (``raise_for_problem``).
+"""The client's exceptions: one class per problem ``code``, chosen in one place (``problem_exception``).
 
 Every failure a client call can end in is one of these::
 
@@ -32,7 +32,8 @@ Every failure a client call can end in is one of these::
         ├── WorkerCrashed             503 worker_crashed (retried)
         └── Overloaded                503 overloaded (.retry_after; retried)
 
-The tree mirrors the server's, but is the client's own: the client imports nothing from the server.
+The tree mirrors the server's ``service.errors``, but is the client's own: a server error type never
+reaches a user (the wire codec's errors become ``DecodingError`` in ``_wire``).
 """
 
 from __future__ import annotations

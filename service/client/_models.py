@@ -16,7 +16,8 @@ from numpy.typing import ArrayLike
 
 from service.client._builder import Expr, render
 from service.client._exceptions import DecodingError
-from service.client._wire import Call, TensorCodec, decode_map, decode_tensor_field, function_spec
+from service.client._requests import Call, function_spec
+from service.client._wire import TensorCodec, decode_map, decode_tensor_field
 
 __all__ = [
     "PROGRESS_LINES",

@@ -19,7 +19,7 @@ from service.client._exceptions import (
     WorkerCrashed,
 )
 
-__all__ = ["Retry"]
+__all__ = ["Attempts", "Retry"]
 
 
 @dataclass(frozen=True)
@@ -66,3 +66,21 @@ class Retry:
             return float(retry_after) + self.rng.uniform(0.0, self.backoff)
         # "Full jitter": uniform in [0, cap], the spread that clears a thundering herd fastest.
         return self.rng.uniform(0.0, min(self.max_backoff, self.backoff * 2.0**retry))
+
+
+class Attempts:
+    """One call's retries so far, under a ``Retry`` policy: the wait before the next one."""
+
+    def __init__(self, policy: Retry) -> None:
+        self.policy = policy
+        self.retries = 0
+        self.crashes = 0  # earlier answers to this call that were worker_crashed
+
+    def wait_after(self, error: TapeserveError) -> float:
+        """Seconds to wait before sending again after ``error``; raises ``error`` when not to retry."""
+        delay = self.policy.delay(self.retries, error, self.crashes)
+        if delay is None:
+            raise error
+        self.crashes += isinstance(error, WorkerCrashed)
+        self.retries += 1
+        return delay

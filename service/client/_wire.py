@@ -1,38 +1,35 @@
-"""Request bodies and response parsing for the client: numpy arrays to wire tensors and back.
+"""Tensors on the client's side of the wire: numpy arrays to wire tensors, request bodies as bytes,
+and response tensors back to numpy arrays.
 
-Shared by ``Client`` and ``AsyncClient`` so both send and read exactly the same JSON. Tensors use
-``service.tensorcodec`` (numpy only; the one definition of the wire format, shared with the server).
+The wire format itself is defined once, in ``service.tensorcodec``: a base module (numpy only, no
+TensorFlow) that the server and this client both import. This module only adds what a client
+chooses (when to send base64) and turns the codec's errors, which are the server's
+``service.errors`` types, into the client's ``DecodingError``: here and nowhere else.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from service.client._builder import Expr, render
 from service.client._exceptions import DecodingError
-from service.tensorcodec import WIRE_DTYPES, decode_tensor, encode_tensor
+from service.tensorcodec import FLOAT_DTYPES, WIRE_DTYPES, decode_tensor, encode_tensor
 
 __all__ = [
     "DEFAULT_BASE64_THRESHOLD",
-    "Call",
-    "Derivatives",
     "EncodingChoice",
-    "Meta",
     "TensorCodec",
     "decode_map",
     "decode_tensor_field",
     "dumps_body",
-    "gradient_call",
 ]
 
-T = TypeVar("T")
 EncodingChoice = Literal["auto", "json", "base64"]
 # Above this many elements a tensor travels as base64: JSON numbers cost ~20 bytes each and a
 # parse per element, base64 5.3 (float32); below it readable JSON costs under ~5 KB more.
@@ -90,17 +87,6 @@ def _spliceable(text: Any) -> bytes | None:
 
 
 @dataclass(frozen=True)
-class Call(Generic[T]):
-    """One API call, independent of sync or async: what to send and how to read the answer."""
-
-    method: str
-    path: str
-    body: dict[str, Any] | None
-    parse: Callable[[Any], T]
-    accept: tuple[int, ...] = (200,)  # statuses that are answers, not errors (/readyz's 503)
-
-
-@dataclass(frozen=True)
 class TensorCodec:
     """How this client writes tensors: base64 above ``threshold`` elements, or always one form."""
 
@@ -138,8 +124,8 @@ def _base64_able(array: np.ndarray) -> bool:
 def decode_tensor_field(value: Any, dtype: str, where: str) -> np.ndarray:
     """A tensor of the response as a numpy array (non-finite strings and base64 decoded)."""
     try:
-        return decode_tensor(value, dtype if dtype in ("float32", "float64") else "float64", field=where)
-    except Exception as error:  # the shared codec raises the server's error types; ours is DecodingError
+        return decode_tensor(value, dtype if dtype in FLOAT_DTYPES else "float64", field=where)
+    except Exception as error:  # the codec raises service.errors types (or numpy's); users see ours
         raise DecodingError(f"the response's {where} is not a tensor: {error}") from None
 
 
@@ -147,175 +133,3 @@ def decode_map(value: Any, dtype: str, where: str) -> dict[str, np.ndarray]:
     if not isinstance(value, Mapping):
         raise DecodingError(f"the response's {where} is not an object")
     return {name: decode_tensor_field(item, dtype, f"{where}.{name}") for name, item in value.items()}
-
-
-def _mapping(payload: Any, what: str) -> Mapping[str, Any]:
-    if not isinstance(payload, Mapping):
-        raise DecodingError(f"the {what} response is not a JSON object")
-    return payload
-
-
-@dataclass(frozen=True)
-class Meta:
-    """How the server computed the answer."""
-
-    cache: str  # "hit" when the compiled tape program was reused
-    compute_ms: float  # time in the worker
-    total_ms: float  # dispatch to result
-    executor: str = "tensorflow"  # "numpy" when the server ran the program's checked numpy plan
-
-
-@dataclass(frozen=True)
-class Derivatives:
-    """Everything ``POST /v1/gradient`` returned, as numpy arrays; what was not requested is None."""
-
-    value: np.ndarray
-    dtype: str
-    meta: Meta
-    gradient: dict[str, np.ndarray] | None = None
-    jacobian: dict[str, np.ndarray] | None = None
-    hessian: dict[str, dict[str, np.ndarray]] | None = None
-    hvp: dict[str, np.ndarray] | None = None
-    jvp: np.ndarray | None = None
-    vjp: dict[str, np.ndarray] | None = None
-    derivatives: list[np.ndarray] | None = field(default=None)  # with order k: d1..dk
-
-    @classmethod
-    def from_json(cls, payload: Any) -> Derivatives:
-        body = _mapping(payload, "gradient")
-        dtype = body.get("dtype")
-        if dtype not in ("float32", "float64") or "value" not in body:
-            raise DecodingError("the gradient response has no value or dtype")
-        meta = body.get("meta") or {}
-        try:
-            parsed_meta = Meta(
-                str(meta["cache"]),
-                float(meta["compute_ms"]),
-                float(meta["total_ms"]),
-                str(meta.get("executor", "tensorflow")),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise DecodingError("the gradient response's meta is malformed") from None
-        hessian = None
-        if "hessian" in body:
-            rows = _mapping(body["hessian"], "hessian")
-            hessian = {a: decode_map(row, dtype, f"hessian.{a}") for a, row in rows.items()}
-        higher = None
-        if "derivative" in body:
-            block = _mapping(body["derivative"], "derivative")
-            listed = block.get("derivatives")
-            if not isinstance(listed, list):
-                raise DecodingError("the response's derivative.derivatives is not a list")
-            higher = [
-                decode_tensor_field(t, dtype, f"derivative.derivatives[{i}]") for i, t in enumerate(listed)
-            ]
-
-        def opt_map(name: str) -> dict[str, np.ndarray] | None:
-            return decode_map(body[name], dtype, name) if name in body else None
-
-        return cls(
-            value=decode_tensor_field(body["value"], dtype, "value"),
-            dtype=dtype,
-            meta=parsed_meta,
-            gradient=opt_map("gradient"),
-            jacobian=opt_map("jacobian"),
-            hessian=hessian,
-            hvp=opt_map("hvp"),
-            jvp=decode_tensor_field(body["jvp"], dtype, "jvp") if "jvp" in body else None,
-            vjp=opt_map("vjp"),
-            derivatives=higher,
-        )
-
-
-def merge_variables(
-    variables: Mapping[str, ArrayLike] | None, keywords: Mapping[str, ArrayLike]
-) -> dict[str, ArrayLike]:
-    """``variables={...}`` and ``x=...`` keyword arguments together (a name given twice is an error)."""
-    merged: dict[str, ArrayLike] = dict(variables or {})
-    for name, value in keywords.items():
-        if name in merged:
-            raise TypeError(f"variable {name!r} is given both in variables= and as a keyword argument")
-        merged[name] = value
-    return merged
-
-
-def _names(values: Iterable[str] | str | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [values] if isinstance(values, str) else list(values)
-
-
-def _expected_output(derivatives: Sequence[str], sizes: Mapping[str, int], wrt: list[str] | None) -> int:
-    """A lower bound of the response's elements, known before sending (to ask for base64 answers)."""
-    names = wrt if wrt is not None else list(sizes)
-    n = sum(sizes.get(name, 0) for name in names)
-    total = n if any(d in derivatives for d in ("gradient", "jacobian", "hvp", "vjp")) else 0
-    if "hessian" in derivatives:
-        total += n * n
-    return total
-
-
-def gradient_call(
-    expression: Expr | str,
-    variables: Mapping[str, ArrayLike],
-    *,
-    codec: TensorCodec,
-    derivatives: Sequence[str],
-    parse: Callable[[Derivatives], T],
-    constants: Mapping[str, ArrayLike] | None = None,
-    functions: Mapping[str, Any] | None = None,
-    wrt: Iterable[str] | str | None = None,
-    tangents: Mapping[str, ArrayLike] | None = None,
-    cotangent: ArrayLike | None = None,
-    order: int | None = None,
-    batch: bool = False,
-    dtype: str | None = None,
-    timeout_s: float | None = None,
-) -> Call[T]:
-    """The ``POST /v1/gradient`` call for one expression and its inputs."""
-    dtype_for_inputs = dtype or "float32"  # the server's default
-    encoded = codec.encode_map(variables, dtype_for_inputs, "variables")
-    body: dict[str, Any] = {"expression": render(expression), "variables": encoded}
-    if constants:
-        body["constants"] = codec.encode_map(constants, dtype_for_inputs, "constants")
-    if functions:
-        body["functions"] = {name: function_spec(name, spec) for name, spec in functions.items()}
-    body["derivatives"] = list(derivatives)
-    wrt_list = _names(wrt)
-    if wrt_list is not None:
-        body["wrt"] = wrt_list
-    if tangents is not None:
-        body["tangents"] = codec.encode_map(tangents, dtype_for_inputs, "tangents")
-    if cotangent is not None:
-        body["cotangent"] = codec.encode(cotangent, dtype_for_inputs, "cotangent")
-    if order is not None:
-        body["order"] = order
-    if batch:
-        body["batch"] = True
-    if dtype is not None:
-        body["dtype"] = dtype
-    if timeout_s is not None:
-        body["timeout_s"] = timeout_s
-    sizes = {name: int(np.size(value)) for name, value in variables.items()}
-    expected = _expected_output(derivatives, sizes, wrt_list)
-    if order is not None:
-        target = wrt_list[0] if wrt_list else (next(iter(sizes)) if len(sizes) == 1 else None)
-        n = sizes.get(target, 1) if target is not None else 1
-        expected += sum(n**k for k in range(1, order + 1))
-    if codec.wants_base64(expected):
-        body["encoding"] = "base64"
-    return Call("POST", "/v1/gradient", body, lambda payload: parse(Derivatives.from_json(payload)))
-
-
-def function_spec(name: str, spec: Any) -> dict[str, Any]:
-    """A user function: a dict as the API takes it, with Expr bodies and gradients rendered."""
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"functions[{name!r}] must be a dict with params, body and optionally gradient")
-    out = dict(spec)
-    if isinstance(out.get("body"), Expr):
-        out["body"] = render(out["body"])
-    if isinstance(out.get("gradient"), Mapping):
-        out["gradient"] = {param: render(g) for param, g in out["gradient"].items()}
-    if "params" in out:
-        out["params"] = [p.name if hasattr(p, "name") else str(p) for p in out["params"]]
-    return out
