@@ -4,6 +4,7 @@ relies on are checked on the merged model."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -27,6 +29,7 @@ from tests.deploy.support import (
     haproxy_series,
     template_variables,
 )
+from tests.redisserver import redis_binary
 
 BASE = ROOT / "docker-compose.yml"
 CPU = ROOT / "docker-compose.cpu.yml"
@@ -136,7 +139,7 @@ def test_each_gpu_replica_reserves_its_own_gpu(tmp_path: Path, gpus: int) -> Non
         aliases = (service.get("networks", {}).get("default") or {}).get("aliases", [])
         assert name == "tapeserve" or "tapeserve" in aliases, name
     assert sorted(reserved, key=int) == [str(i) for i in range(gpus)]
-    assert set(model["services"]) == set(replicas) | {"haproxy"}
+    assert set(model["services"]) == set(replicas) | {"haproxy", "redis"}
 
 
 def test_workers_per_gpu_and_gpus_per_replica(tmp_path: Path) -> None:
@@ -205,10 +208,101 @@ def test_haproxy_resolves_every_replica(tmp_path: Path) -> None:
     assert "resolvers" in parameters and "init-addr" in parameters
     for model in (_model(BASE), _model(BASE, CPU), _model(BASE, _generated(tmp_path, "--gpus", "4"))):
         for name, service in model["services"].items():
-            if name == "haproxy":
+            if name in ("haproxy", "redis"):
                 continue
             aliases = (service.get("networks", {}).get("default") or {}).get("aliases", [])
             assert host in (name, *aliases) and service["expose"] == [port], name
+
+
+def _balancer_address(model: dict[str, Any]) -> str:
+    """HAProxy's fixed address on the project's network."""
+    address: str = model["services"]["haproxy"]["networks"]["default"]["ipv4_address"]
+    return address
+
+
+def _replicas(model: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in model["services"].items()
+        if service.get("build", {}).get("target") in ("gpu", "cpu")
+    }
+
+
+def _variant(tmp_path: Path, variant: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    if variant == "cpu":
+        return _model(BASE, CPU, env=env)
+    return _model(BASE, _generated(tmp_path, "--gpus", variant), env=env)
+
+
+@pytest.mark.parametrize("variant", ["1", "2", "4", "cpu"])
+def test_every_replica_shares_redis_and_trusts_only_the_balancer(tmp_path: Path, variant: str) -> None:
+    model = _variant(tmp_path, variant)
+    services = model["services"]
+    redis = services["redis"]
+    assert "ports" not in redis, "only the replicas reach the store"
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"
+
+    # HAProxy's address is fixed: inside the network's subnet, outside the range containers are
+    # given addresses from (so no replica can take it), and claimed by no other service.
+    (network,) = model["networks"].values()
+    (ipam,) = network["ipam"]["config"]
+    subnet, dynamic = ipaddress.ip_network(ipam["subnet"]), ipaddress.ip_network(ipam["ip_range"])
+    balancer = ipaddress.ip_address(_balancer_address(model))
+    assert balancer in subnet and dynamic.subnet_of(subnet) and balancer not in dynamic  # type: ignore[arg-type]
+    claimed = [
+        name
+        for name, service in services.items()
+        if any((n or {}).get("ipv4_address") for n in (service.get("networks") or {}).values())
+    ]
+    assert claimed == ["haproxy"]
+
+    replicas = _replicas(model)
+    count = sum(service["deploy"]["replicas"] for service in replicas.values())
+    assert count == (2 if variant == "cpu" else int(variant))
+    for name, service in replicas.items():
+        environment = service["environment"]
+        store = urlsplit(environment["TAPESERVE_RATE_LIMIT_STORE"])
+        assert (store.scheme, store.hostname, store.port) == ("redis", "redis", 6379), name
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy", name
+        # Exactly the balancer: never "*", nor a network that could hold a client.
+        assert environment["TAPESERVE_FORWARDED_ALLOW_IPS"] == str(balancer), name
+        # On the balancer's network (the default one, reached under the name `tapeserve`).
+        assert set(service.get("networks") or {"default": None}) == {"default"}, name
+
+
+def test_the_store_and_the_balancer_address_follow_the_environment(tmp_path: Path) -> None:
+    model = _variant(tmp_path, "2", {"TAPESERVE_NETWORK_PREFIX": "10.123.45"})
+    assert _balancer_address(model) == "10.123.45.2"
+    (network,) = model["networks"].values()
+    assert network["ipam"]["config"] == [{"subnet": "10.123.45.0/24", "ip_range": "10.123.45.128/25"}]
+    for service in _replicas(model).values():
+        assert service["environment"]["TAPESERVE_FORWARDED_ALLOW_IPS"] == "10.123.45.2"
+    env = {"TAPESERVE_RATE_LIMIT_STORE": "memory", "TAPESERVE_FORWARDED_ALLOW_IPS": "10.0.0.7"}
+    for service in _replicas(_variant(tmp_path, "cpu", env)).values():
+        assert service["environment"]["TAPESERVE_RATE_LIMIT_STORE"] == "memory"
+        assert service["environment"]["TAPESERVE_FORWARDED_ALLOW_IPS"] == "10.0.0.7"
+
+
+def test_redis_is_the_series_the_tests_run(gpu: dict[str, Any]) -> None:
+    image = re.fullmatch(r"redis:(\d+)(?:\.\d+)*-alpine", gpu["services"]["redis"]["image"])
+    assert image, gpu["services"]["redis"]["image"]
+    out = subprocess.run([redis_binary(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = re.search(r"v=(\d+)\.", out)
+    assert version, out
+    assert image[1] == version[1]
+
+
+def test_haproxy_replaces_the_clients_forwarded_for() -> None:
+    """The replicas trust HAProxy's X-Forwarded-For; what a client sent must not reach them in it
+    (tests/deploy/test_shared_rate_limit.py checks the effect through a real haproxy)."""
+    text = HAPROXY_CONFIG.read_text()
+    frontend = text[text.index("frontend public") :]
+    assert re.search(r"^\s*http-request del-header X-Forwarded-For\s*$", frontend, re.M | re.I)
+    # Added by the balancer whatever the request carries (not `if-none`, which would keep the client's).
+    assert re.search(r"^\s*option forwardfor\s*$", text, re.M)
 
 
 def test_cpu_variant_drops_the_gpu(cpu: dict[str, Any]) -> None:
@@ -217,7 +311,7 @@ def test_cpu_variant_drops_the_gpu(cpu: dict[str, Any]) -> None:
     assert "devices" not in tapeserve["deploy"].get("resources", {}).get("reservations", {})
     assert tapeserve["environment"]["TAPESERVE_DEVICES"] == "cpu"
     assert tapeserve["deploy"]["replicas"] == 2
-    assert set(cpu["services"]) == {"tapeserve", "haproxy"}
+    assert set(cpu["services"]) == {"tapeserve", "haproxy", "redis"}
     changed = _model(BASE, CPU, env={"TAPESERVE_REPLICAS": "4"})
     assert changed["services"]["tapeserve"]["deploy"]["replicas"] == 4
 
@@ -246,8 +340,11 @@ def test_every_setting_passes_through_and_the_defaults_are_valid(
         settings = Settings()
         # Every default equals the service's own (compose must not silently change behaviour).
         defaults = Settings.model_construct()
+        # Compose's own choices: the shared store and the balancer's address (checked below).
+        assert settings.rate_limit_store == "redis://redis:6379/0"
+        assert settings.forwarded_allow_ips == _balancer_address(model)
         for name in Settings.model_fields:
-            if name not in ("host", "port", "models", "devices"):
+            if name not in ("host", "port", "models", "devices", "rate_limit_store", "forwarded_allow_ips"):
                 assert getattr(settings, name) == getattr(defaults, name), name
 
 
