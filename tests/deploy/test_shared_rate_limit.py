@@ -3,8 +3,10 @@ redis-server, one client alternating between them, all on loopback.
 
 The limit holds for the sum (burst B: exactly B requests pass over both replicas), and X-Forwarded-For
 names the client only when the peer is the trusted balancer address (127.0.0.1 here; a client
-connecting from 127.0.0.2 is not trusted, so its header is ignored). Last, the same through Debian's
+connecting from 127.0.0.2 is not trusted, so its header is ignored). Then the same through Debian's
 nginx running the repo's config: each client behind it has its own bucket, shared by both replicas.
+Last, through Debian's haproxy running deploy/haproxy/haproxy.cfg, the balancer docker-compose.yml
+runs: one client gets the burst in total over both replicas, whatever X-Forwarded-For it sends.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import httpx
 import pytest
 
 from tests.conftest import LiveServer, start_server, stop_server
-from tests.deploy.support import nginx_binary, start_nginx
+from tests.deploy.support import haproxy_binary, nginx_binary, start_haproxy, start_nginx, wait_for
 from tests.redisserver import RedisServer, start_redis
 
 BURST = 4
@@ -27,6 +29,7 @@ BURST = 4
 RATE = 0.001
 TRUSTED = "127.0.0.1"  # the balancer's address, as the replicas are told
 UNTRUSTED = "127.0.0.2"  # any other peer (Linux routes all of 127/8 to loopback)
+CLIENT_BEHIND_HAPROXY = "127.0.0.5"  # a bucket no other test uses
 
 
 @dataclass
@@ -146,3 +149,61 @@ def test_behind_nginx_each_client_has_one_bucket_over_both_replicas(
         assert match, line
         upstreams[match[1]] += 1
     assert set(upstreams) == {s.url.removeprefix("http://") for s in replicas.servers}, upstreams
+
+
+# A request's line in HAProxy's log (haproxy.cfg's log-format):
+#   ... public replicas/r1 ... "GET /v1/functions HTTP/1.1"
+_HAPROXY_LOG = re.compile(r" public replicas/(\S+) .*\"GET /v1/functions HTTP/[\d.]+\"$")
+
+
+def test_behind_haproxy_one_client_has_one_bucket_over_both_replicas(
+    replicas: Replicas, tmp_path: Path
+) -> None:
+    haproxy_binary()  # skips when haproxy is missing
+    for server in replicas.servers:
+        server.wait_ready()  # HAProxy sends requests only to replicas whose /readyz answers 200
+    haproxy = start_haproxy(
+        tmp_path / "haproxy",
+        {f"r{i}": server.url.removeprefix("http://") for i, server in enumerate(replicas.servers, 1)},
+    )
+    try:
+        wait_for(
+            lambda: {s.split()[0] for s in haproxy.server_states().values()} == {"UP"},
+            "haproxy sees both replicas up",
+        )
+        # A client on a fresh address, which HAProxy (127.0.0.1, trusted) passes on as the client: its
+        # burst in total over both replicas, though every request claims another X-Forwarded-For.
+        with _client(CLIENT_BEHIND_HAPROXY) as client:
+            responses = [
+                client.get(
+                    f"{haproxy.url}/v1/functions", headers={"X-Forwarded-For": f"198.51.100.{200 + i}"}
+                )
+                for i in range(3 * BURST)
+            ]
+        assert [r.status_code for r in responses] == [200] * BURST + [429] * (2 * BURST)
+        for response in responses[BURST:]:
+            _check_refusal(response)
+
+        def logged() -> list[str]:
+            return [m[1] for m in map(_HAPROXY_LOG.search, haproxy.log_lines()) if m]
+
+        wait_for(lambda: len(logged()) == len(responses), "haproxy logs every request")
+        # Both replicas answered this client: a replica with buckets of its own would have let more pass.
+        assert set(logged()) == {"r1", "r2"}, logged()
+
+        # A client whose own address the replicas trust (here the balancer's, 127.0.0.1; in compose any
+        # client if they trusted "*" or a network holding clients): had HAProxy kept the client's
+        # X-Forwarded-For and only appended its own entry, uvicorn would skip the trusted right-most
+        # entry and take the client's made-up one, a fresh bucket each time. HAProxy drops it, so all
+        # these requests share one bucket (which earlier tests may have used: at most the burst passes).
+        with _client(TRUSTED) as client:
+            statuses = [
+                client.get(
+                    f"{haproxy.url}/v1/functions", headers={"X-Forwarded-For": f"203.0.113.{i}"}
+                ).status_code
+                for i in range(2 * BURST + 1)
+            ]
+    finally:
+        haproxy.stop()
+    passed = statuses.count(200)
+    assert passed <= BURST and statuses == [200] * passed + [429] * (len(statuses) - passed), statuses
