@@ -97,11 +97,14 @@ class AsyncTrainingRun(RunState):
 def _face(method: Callable[..., Any], build: Callable[..., Any], owner: str, run: type | None = None) -> None:
     """Give ``method`` the name, docstring and signature of ``build``, with the result its caller gets:
     ``T`` for ``Call[T]`` (as written in ``build``), or the ``run`` class of a streamed run.
+
+    So help(), inspect and editors show each method as written; type checkers follow the ParamSpec.
     """
     hints = typing.get_type_hints(build)
     if run is None:
         written = build.__annotations__["return"]  # "Call[dict[str, np.ndarray]]"
-        assert written.startswith("Call[") and written.endswith("]"), written
+        if not (written.startswith("Call[") and written.endswith("]")):
+            raise TypeError(f"Endpoints.{build.__name__} must return a Call[...], not {written}")
         shown, returns = written[len("Call[") : -1], typing.get_args(hints["return"])[0]
     else:
         shown, returns = run.__name__, run

@@ -368,3 +368,20 @@ def test_sync_and_async_clients_have_the_same_methods() -> None:
     for name in set(sync) - {"close"}:
         params = lambda s: [(p.name, p.kind, p.default) for p in s.parameters.values()]  # noqa: E731
         assert params(sync[name]) == params(async_[name]), name
+
+
+def test_each_method_shows_its_own_signature_docstring_and_result() -> None:
+    import inspect
+    import typing
+
+    for cls in (ts.Client, ts.AsyncClient):
+        for name in ("compute", "gradient", "hessian", "jvp", "functions", "ready", "train", "step"):
+            method = getattr(cls, name)
+            signature = inspect.signature(method)
+            assert method.__qualname__ == f"{cls.__name__}.{name}" and method.__doc__, name
+            assert next(iter(signature.parameters)) == "self", name
+            assert not str(signature.return_annotation).startswith("Call["), name
+            assert inspect.iscoroutinefunction(method) == (cls is ts.AsyncClient and name != "train"), name
+    assert inspect.signature(ts.Client.gradient).return_annotation == "dict[str, np.ndarray]"
+    assert typing.get_type_hints(ts.AsyncClient.train)["return"] is ts.AsyncTrainingRun
+    assert typing.get_type_hints(ts.Client.compute)["return"] is ts.Derivatives
