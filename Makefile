@@ -44,7 +44,7 @@ pytest: $(VENV)/.installed-test
 openapi: $(VENV)/.installed-server
 	$(BIN)/python -m service.api.openapi
 
-# Regenerate the settings and limits tables in README.md from service/api/settings.py.
+# Regenerate the settings and limits tables in docs/configuration.md from service/api/settings.py.
 docs: openapi
 	$(BIN)/python scripts/settings_table.py --write
 

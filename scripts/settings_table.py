@@ -1,8 +1,8 @@
-"""Prints (or writes into README.md, or checks) the settings and limits tables, generated from Settings.
+"""Prints (or writes into docs/configuration.md, or checks) the settings and limits tables, from Settings.
 
 python scripts/settings_table.py            # print
-python scripts/settings_table.py --write    # replace the tables in README.md
-python scripts/settings_table.py --check    # exit 1 if README.md is out of date
+python scripts/settings_table.py --write    # replace the tables in docs/configuration.md
+python scripts/settings_table.py --check    # exit 1 if docs/configuration.md is out of date
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.api.settings import LIMIT_FIELDS, Settings  # noqa: E402
 
-README = ROOT / "README.md"
+CONFIGURATION = ROOT / "docs" / "configuration.md"
 MARKERS = {
     "settings": ("<!-- settings-table:start -->", "<!-- settings-table:end -->"),
     "limits": ("<!-- limits-table:start -->", "<!-- limits-table:end -->"),
@@ -55,7 +55,7 @@ def updated(text: str) -> str:
         head, _, rest = text.partition(start)
         _, _, tail = rest.partition(end)
         if not rest:
-            raise SystemExit(f"README.md has no {start} marker")
+            raise SystemExit(f"docs/configuration.md has no {start} marker")
         text = f"{head}{start}\n{body}\n{end}{tail}"
     return text
 
@@ -71,14 +71,14 @@ def main() -> int:
         for body in tables().values():
             print(body, end="\n\n")
         return 0
-    current = README.read_text(encoding="utf-8")
+    current = CONFIGURATION.read_text(encoding="utf-8")
     new = updated(current)
     if args.check:
         if new != current:
-            print("README.md settings tables are stale; run `make docs`", file=sys.stderr)
+            print("docs/configuration.md settings tables are stale; run `make docs`", file=sys.stderr)
             return 1
         return 0
-    README.write_text(new, encoding="utf-8")
+    CONFIGURATION.write_text(new, encoding="utf-8")
     return 0
 
 

@@ -24,7 +24,7 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "serve",
         help="run the HTTP server",
         description="Run the HTTP server. Every other setting comes from TAPESERVE_* environment "
-        "variables (see README); these options override them.",
+        "variables (see docs/configuration.md); these options override them.",
     )
     serve_parser.add_argument("--host", help="interface to listen on (TAPESERVE_HOST, default 127.0.0.1)")
     serve_parser.add_argument("--port", type=int, help="TCP port (TAPESERVE_PORT, default 8000)")
