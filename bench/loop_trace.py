@@ -12,8 +12,8 @@ import time
 
 import numpy as np
 
-from service.engine import GradientJob
 from service.engine.runner import _compile
+from service.jobs import GradientJob
 from service.limits import Limits
 
 RK4 = {

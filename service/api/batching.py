@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from service.boundedcache import BoundedCache
-from service.engine.jobs import GradientJob, GradientResult, StackedGradientJob
 from service.errors import Overloaded, TapeserveError, Timeout, WorkerCrashed
+from service.jobs import GradientJob, GradientResult, StackedGradientJob
 
 __all__ = ["Batcher"]
 

@@ -41,8 +41,8 @@ from service.api.offload import ON_LOOP_ELEMENTS, RequestWork, off_loop_if
 from service.api.schemas import GradientRequest, GradientResponse, Problem
 from service.api.settings import Settings
 from service.api.streaming import STREAM_RESPONSE, expect_result, stream_step_job
-from service.engine.jobs import ExpressionStepResult, GradientResult, ModelGradientResult, TrainStepResult
 from service.errors import InvalidRequest
+from service.jobs import ExpressionStepResult, GradientResult, ModelGradientResult, TrainStepResult
 from service.limits import Limits
 
 __all__ = ["ENDPOINTS", "Endpoint", "check_timeout", "fast_endpoints", "router", "serve"]

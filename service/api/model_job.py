@@ -1,8 +1,9 @@
 """Between wire and engine for models and steps: requests become jobs, results become response bodies.
 
 Everything knowable without TensorFlow is checked here, before a worker is involved: the spec's
-layout and parameter count (``service.models.layout``), the shapes of x, y, weights, tangents and
-optimizer state, label ranges, reinforce actions and returns, steps and the expression program.
+layout and parameter count (``service.models.layout``), the expression program, and the job's own
+check from ``service.jobs`` (shapes of x, y, weights, tangents and optimizer state, label ranges,
+reinforce actions and returns, steps), which the engine runs again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from service.api.model_schemas import (
 )
 from service.api.offload import RequestWork, claimed_elements
 from service.api.problems import as_tapeserve_error
-from service.engine.jobs import (
+from service.errors import TapeserveError
+from service.expr.program import check_program, unchecked_chars
+from service.jobs import (
     ExpressionStepJob,
     ExpressionStepResult,
     ModelGradientJob,
@@ -34,11 +37,15 @@ from service.engine.jobs import (
     StepRecord,
     TrainStepJob,
     TrainStepResult,
+    check_expression_step_job,
+    check_input_count,
+    check_model_gradient_job,
+    check_steps,
+    check_train_step_job,
+    job_functions,
 )
-from service.errors import InvalidRequest, LimitExceeded, NotDifferentiable, ShapeError, TapeserveError
-from service.expr.program import check_program, unchecked_chars
 from service.limits import Limits
-from service.models.layout import ModelLayout, WeightInfo, model_layout, optimizer_state_layout
+from service.models.layout import ModelLayout, model_layout, optimizer_state_layout, variables_layout
 from service.tensorcodec import Encoding, decode_tensor, encode_tensor
 
 __all__ = [
@@ -94,18 +101,15 @@ def request_elements(request: ModelGradientRequest | TrainStepRequest) -> int:
     return claimed_elements(t for t in tensors if t is not None)
 
 
-def _functions(request: ExpressionStepRequest) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"params": list(f.params), "body": f.body, "gradient": f.gradient}
-        for name, f in request.functions.items()
-    }
-
-
 def expression_step_work(request: ExpressionStepRequest, limits: Limits) -> RequestWork:
     """What ``build_expression_step_job`` will cost for this (parsed) request: decides where it runs."""
     tensors = [*request.variables.values(), *request.constants.values(), *(request.optimizer_state or [])]
     program = unchecked_chars(
-        request.expression, list(request.variables), list(request.constants), _functions(request), limits
+        request.expression,
+        list(request.variables),
+        list(request.constants),
+        job_functions(request.functions),
+        limits,
     )
     return RequestWork(elements=claimed_elements(tensors), program_chars=program)
 
@@ -119,93 +123,19 @@ def _decode_list(values: list[Any] | None, name: str, dtype: str, limits: Limits
     ]
 
 
-def _check_list(arrays: list[np.ndarray], expected: list[tuple[str, tuple[int, ...]]], name: str) -> None:
-    if len(arrays) != len(expected):
-        listing = ", ".join(n for n, _ in expected)
-        raise ShapeError(
-            f"{name} has {len(arrays)} tensors; this model needs {len(expected)} ({listing or 'none'})",
-            field=name,
-        )
-    for i, (array, (what, shape)) in enumerate(zip(arrays, expected, strict=True)):
-        if tuple(array.shape) != shape:
-            raise ShapeError(
-                f"{name}[{i}] ({what}) has shape {list(array.shape)}; it must be {list(shape)}",
-                field=f"{name}[{i}]",
-            )
-
-
 def _model_inputs(
-    request: ModelGradientRequest | TrainStepRequest, limits: Limits, needs_y: bool
+    request: ModelGradientRequest | TrainStepRequest, limits: Limits
 ) -> tuple[dict[str, Any], ModelLayout, np.ndarray, np.ndarray | None, list[np.ndarray] | None]:
+    """The spec (its layout checked) and the decoded x, y and weights; the job's check follows."""
     spec = request.model.model_dump()
     layout = model_layout(spec, limits)
     dtype = request.dtype
     x = decode_tensor(request.x, dtype, field="x", max_elements=limits.max_input_elements)
-    want = tuple(request.model.input_shape)
-    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
-        raise ShapeError(
-            f"x has shape {list(x.shape)}; it must be [batch, {', '.join(map(str, want))}] "
-            f"(model.input_shape {list(want)} with a leading batch axis)",
-            field="x",
-        )
-    n = x.shape[0]
-    if n < 1:
-        raise ShapeError("x holds no examples (its batch axis is 0)", field="x")
-    if n > limits.max_batch:
-        raise LimitExceeded(
-            f"x has {n} examples; at most {limits.max_batch} are allowed",
-            limit="max_batch",
-            allowed=limits.max_batch,
-            field="x",
-        )
-    activations = n * layout.largest_activation
-    if activations > limits.max_tensor_elements:
-        raise LimitExceeded(
-            f"a layer output would have {activations} elements for {n} examples; "
-            f"at most {limits.max_tensor_elements} are allowed",
-            limit="max_tensor_elements",
-            allowed=limits.max_tensor_elements,
-            field="x",
-        )
-    if layout.integer_inputs:
-        vocabulary = spec["layers"][0]["input_dim"]
-        if not np.all(np.isfinite(x)) or np.any(x != np.round(x)) or x.min() < 0 or x.max() >= vocabulary:
-            raise InvalidRequest(
-                f"x holds token ids for the embedding: integers in [0, {vocabulary})", field="x"
-            )
     y = None
     if request.y is not None:
         y = decode_tensor(request.y, dtype, field="y", max_elements=limits.max_input_elements)
-        _check_y(y, n, layout, request.loss.type)
-    elif needs_y:
-        raise InvalidRequest("y (the targets) is required for this loss and objective", field="y")
     weights = _decode_list(request.weights, "weights", dtype, limits)
-    if weights is not None:
-        _check_list(weights, [(w.name, w.shape) for w in layout.weights], "weights")
     return spec, layout, x, y, weights
-
-
-def _check_y(y: np.ndarray, n: int, layout: ModelLayout, loss: str) -> None:
-    out = layout.output_shape
-    if loss == "sparse_categorical_crossentropy":
-        want = (n, *out[:-1])
-        if tuple(y.shape) != want:
-            raise ShapeError(
-                f"y has shape {list(y.shape)}; sparse labels must have shape {list(want)} "
-                f"(the model's output {list(out)} without its class axis)",
-                field="y",
-            )
-        classes = out[-1]
-        if y.size and (np.any(y != np.round(y)) or y.min() < 0 or y.max() >= classes):
-            raise InvalidRequest(f"y holds class ids: integers in [0, {classes})", field="y")
-        return
-    want = (n, *out)
-    if tuple(y.shape) != want:
-        raise ShapeError(
-            f"y has shape {list(y.shape)}; it must be {list(want)} "
-            f"(batch + the model's output shape {list(out)})",
-            field="y",
-        )
 
 
 def _loss(request: ModelGradientRequest | TrainStepRequest) -> dict[str, Any]:
@@ -214,40 +144,23 @@ def _loss(request: ModelGradientRequest | TrainStepRequest) -> dict[str, Any]:
 
 def build_model_gradient_job(request: ModelGradientRequest, limits: Limits) -> ModelGradientJob:
     """The engine job for a model gradient request, or the TapeserveError saying what is wrong."""
-    spec, layout, x, y, weights = _model_inputs(request, limits, needs_y=True)
-    wrt = tuple(dict.fromkeys(request.wrt))
-    needs_inputs = "inputs" in wrt or request.saliency or request.adversarial is not None
-    if layout.integer_inputs and needs_inputs:
-        raise NotDifferentiable(
-            "this model's inputs are token ids (embedding first); they have no gradient", field="wrt"
-        )
-    tangents = _decode_list(request.tangents, "tangents", request.dtype, limits)
-    if tangents is not None:
-        _check_list(tangents, [(w.name, w.shape) for w in layout.weights], "tangents")
+    spec, layout, x, y, weights = _model_inputs(request, limits)
     adversarial = None if request.adversarial is None else request.adversarial.model_dump()
-    return ModelGradientJob(
+    job = ModelGradientJob(
         model=spec,
         x=x,
         y=y,
         weights=weights,
         loss=_loss(request),
-        wrt=wrt,
-        tangents=tangents,
+        wrt=tuple(dict.fromkeys(request.wrt)),
+        tangents=_decode_list(request.tangents, "tangents", request.dtype, limits),
         saliency=request.saliency,
         adversarial=adversarial,
         training=request.training,
         dtype=request.dtype,
     )
-
-
-def _check_steps(steps: int, limits: Limits) -> None:
-    if steps > limits.max_steps:
-        raise LimitExceeded(
-            f"steps is {steps}; at most {limits.max_steps} are allowed per request",
-            limit="max_steps",
-            allowed=limits.max_steps,
-            field="steps",
-        )
+    check_model_gradient_job(job, layout, limits)
+    return job
 
 
 def _clip(request: TrainStepRequest | ExpressionStepRequest) -> dict[str, float] | None:
@@ -256,66 +169,26 @@ def _clip(request: TrainStepRequest | ExpressionStepRequest) -> dict[str, float]
     return {k: v for k, v in request.clip.model_dump().items() if v is not None}
 
 
-def _state(
-    values: list[Any] | None, expected: list[tuple[str, tuple[int, ...]]], dtype: str, limits: Limits
-) -> list[np.ndarray] | None:
-    state = _decode_list(values, "optimizer_state", dtype, limits)
-    if state is not None:
-        _check_list(state, expected, "optimizer_state")
-        it = state[0]
-        if not np.isfinite(it) or it < 0 or it != np.round(it):
-            raise InvalidRequest(
-                "optimizer_state[0] is the iteration count: a non-negative integer",
-                field="optimizer_state[0]",
-            )
-    return state
-
-
 def build_train_step_job(request: TrainStepRequest, limits: Limits) -> TrainStepJob:
     """The engine job for a train-step request, or the TapeserveError saying what is wrong."""
-    _check_steps(request.steps, limits)
+    check_steps(request.steps, limits)  # before anything is decoded; the job's check repeats it
     objective = request.objective
-    reinforce = isinstance(objective, Reinforce)
-    spec, layout, x, y, weights = _model_inputs(request, limits, needs_y=not reinforce)
+    spec, layout, x, y, weights = _model_inputs(request, limits)
     optimizer = request.optimizer.model_dump()
-    expected = [(s.name, s.shape) for s in optimizer_state_layout(optimizer, layout)]
-    state = _state(request.optimizer_state, expected, request.dtype, limits)
+    state = _decode_list(request.optimizer_state, "optimizer_state", request.dtype, limits)
     actions = returns = None
     objective_data = objective.model_dump()
-    n = x.shape[0]
     if isinstance(objective, Reinforce):
         objective_data.pop("actions")
         objective_data.pop("returns")
-        if len(layout.output_shape) != 1:
-            raise ShapeError(
-                "reinforce needs a model whose output is one vector of action scores per state; "
-                f"this one has shape {list(layout.output_shape)}",
-                field="model.layers",
-            )
-        if len(objective.actions) != n:
-            raise ShapeError(
-                f"objective.actions has {len(objective.actions)} entries; x has {n} states",
-                field="objective.actions",
-            )
-        count = layout.output_shape[0]
-        for i, a in enumerate(objective.actions):
-            if a >= count:
-                raise InvalidRequest(
-                    f"objective.actions[{i}] is {a}; the model has {count} actions (0..{count - 1})",
-                    field=f"objective.actions[{i}]",
-                )
         actions = np.asarray(objective.actions, request.dtype)
-        returns = decode_tensor(objective.returns, request.dtype, field="objective.returns", max_elements=n)
-        if returns.shape != (n,):
-            raise ShapeError(
-                f"objective.returns has shape {list(returns.shape)}; it must be [{n}] (one per state)",
-                field="objective.returns",
-            )
-    elif layout.integer_inputs and objective_data["type"] == "adversarial":
-        raise NotDifferentiable(
-            "adversarial training needs differentiable inputs, not token ids", field="objective"
+        returns = decode_tensor(
+            objective.returns,
+            request.dtype,
+            field="objective.returns",
+            max_elements=x.shape[0] if x.ndim else limits.max_batch,  # a scalar x is refused next
         )
-    return TrainStepJob(
+    job = TrainStepJob(
         model=spec,
         x=x,
         y=y,
@@ -331,19 +204,16 @@ def build_train_step_job(request: TrainStepRequest, limits: Limits) -> TrainStep
         return_gradients=request.return_gradients,
         dtype=request.dtype,
     )
+    check_train_step_job(job, layout, optimizer_state_layout(optimizer, layout), limits)
+    return job
 
 
 def build_expression_step_job(request: ExpressionStepRequest, limits: Limits) -> ExpressionStepJob:
     """The engine job for an expression step request, or the TapeserveError saying what is wrong."""
-    _check_steps(request.steps, limits)
-    if len(request.variables) + len(request.constants) > limits.max_inputs:
-        raise LimitExceeded(
-            f"{len(request.variables) + len(request.constants)} inputs; "
-            f"at most {limits.max_inputs} are allowed",
-            limit="max_inputs",
-            allowed=limits.max_inputs,
-        )
-    functions = _functions(request)
+    # Before the text is parsed or a tensor decoded; the job's check repeats them.
+    check_steps(request.steps, limits)
+    check_input_count(len(request.variables) + len(request.constants), limits)
+    functions = job_functions(request.functions)
     check_program(request.expression, list(request.variables), list(request.constants), functions, limits)
     dtype = request.dtype
     cap = limits.max_input_elements
@@ -356,25 +226,19 @@ def build_expression_step_job(request: ExpressionStepRequest, limits: Limits) ->
         for k, v in request.constants.items()
     }
     optimizer = request.optimizer.model_dump()
-    slots = optimizer_state_layout(optimizer, _variables_layout(variables))
-    state = _state(request.optimizer_state, [(s.name, s.shape) for s in slots], dtype, limits)
-    return ExpressionStepJob(
+    job = ExpressionStepJob(
         expression=request.expression,
         variables=variables,
         constants=constants,
         functions=functions,
         optimizer=optimizer,
-        optimizer_state=state,
+        optimizer_state=_decode_list(request.optimizer_state, "optimizer_state", dtype, limits),
         clip=_clip(request),
         steps=request.steps,
         dtype=dtype,
     )
-
-
-def _variables_layout(variables: dict[str, np.ndarray]) -> ModelLayout:
-    """The variables as trainable 'weights', so the optimizer state layout is computed the same way."""
-    weights = tuple(WeightInfo(f"variables.{k}", tuple(v.shape), True, 0) for k, v in variables.items())
-    return ModelLayout(weights, 0, 0, ((1,),), False)
+    check_expression_step_job(job, optimizer_state_layout(optimizer, variables_layout(variables)), limits)
+    return job
 
 
 def _history(history: list[StepRecord]) -> list[dict[str, float]]:

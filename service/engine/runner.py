@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from service.engine.jobs import DERIVATIVES, GradientJob, GradientResult, StackedGradientJob
 from service.engine.plan import Plan, build_plan
 from service.errors import (
     EvaluationError,
@@ -29,6 +28,7 @@ from service.errors import (
 )
 from service.expr.compiler import Compiler
 from service.expr.program import Program, build_program
+from service.jobs import DERIVATIVES, GradientJob, GradientResult, StackedGradientJob
 from service.limits import Limits
 
 __all__ = ["TapeProgram", "after_reply", "cache_info", "run"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.engine import execute
-from service.engine.jobs import GradientJob
+from service.jobs import GradientJob
 
 
 def warmup() -> None:

@@ -1,7 +1,8 @@
 """Model specs, built into Keras models in code; losses, optimizers, clipping and training objectives.
 
 ``layout`` is TF-free (the API uses it to check specs and describe weights before any worker is
-involved); ``keras_build`` and ``training`` import TensorFlow and run only in worker processes.
+involved); ``keras_build`` (layers, losses, optimizers, clipping) and ``objectives`` (what a train
+step minimizes) import TensorFlow and run only in worker processes.
 """
 
 from service.models.layout import (

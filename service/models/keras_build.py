@@ -19,12 +19,13 @@ import numpy as np
 import tensorflow as tf
 
 from service.errors import InvalidRequest
-from service.models.hyperparameters import OPTIMIZER_INITIAL, OPTIMIZER_RUNTIME, regularizer_kind
-from service.models.layout import (
+from service.jobs.hyperparameters import (
     OPTIMIZER_DEFAULTS,
-    init_seed,
-    normalize_layer,
+    OPTIMIZER_INITIAL,
+    OPTIMIZER_RUNTIME,
+    regularizer_kind,
 )
+from service.models.layout import StateInfo, init_seed, normalize_layer
 
 __all__ = [
     "RuntimeValue",
@@ -35,6 +36,7 @@ __all__ = [
     "initial_weights",
     "make_loss",
     "make_optimizer",
+    "make_variables",
     "optimizer_state",
     "optimizer_state_variables",
 ]
@@ -209,10 +211,34 @@ def make_optimizer(config: Mapping[str, Any]) -> keras.optimizers.Optimizer:
     return optimizer
 
 
-def optimizer_state_variables(optimizer: keras.optimizers.Optimizer) -> list[Any]:
-    """The state variables in the documented order: iteration, then the slots (no learning_rate)."""
+def make_variables(shapes: Sequence[tuple[int, ...]], dtype: str) -> list[keras.Variable]:
+    """Zero-filled Keras variables (an expression step's, which an optimizer updates)."""
+    return [keras.Variable(np.zeros(shape), dtype=dtype, name=f"v{i}") for i, shape in enumerate(shapes)]
+
+
+def optimizer_state_variables(
+    optimizer: keras.optimizers.Optimizer, layout: Sequence[StateInfo] | None = None
+) -> list[Any]:
+    """Keras' state variables (no learning_rate), in the order ``layout.optimizer_state_layout`` documents.
+
+    That layout is the one definition of the state's order; given it (``optimizer_state_layout`` of
+    the optimizer's config and the weights it was built on), Keras' variables are checked against it
+    (shape and slot name): a Keras release that reorders them fails here, not in a client's results.
+    """
     lr = optimizer._learning_rate  # a variable for float rates; excluded: it comes from the request
-    return [v for v in optimizer.variables if v is not lr]
+    variables = [v for v in optimizer.variables if v is not lr]
+    if layout is not None:
+        found = [(v.path.rsplit("/", 1)[-1], tuple(v.shape)) for v in variables]
+        slots = [info.name.rsplit("/", 1)[-1] for info in layout]
+        if len(found) != len(layout) or any(
+            shape != info.shape or not name.endswith(slot)
+            for (name, shape), info, slot in zip(found, layout, slots, strict=False)
+        ):
+            raise RuntimeError(
+                f"Keras' optimizer state {found} differs from the documented layout "
+                f"{[(info.name, info.shape) for info in layout]}"
+            )
+    return variables
 
 
 def optimizer_state(optimizer: keras.optimizers.Optimizer, dtype: str) -> list[np.ndarray]:

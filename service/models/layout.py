@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import InvalidRequest, LimitExceeded, ShapeError
+from service.jobs.hyperparameters import OPTIMIZER_DEFAULTS
 from service.limits import Limits
 
 __all__ = [
@@ -22,7 +23,6 @@ __all__ = [
     "INITIALIZERS",
     "LAYER_DEFAULTS",
     "LAYER_TYPES",
-    "OPTIMIZER_DEFAULTS",
     "ModelLayout",
     "StateInfo",
     "WeightInfo",
@@ -30,6 +30,7 @@ __all__ = [
     "model_layout",
     "normalize_layer",
     "optimizer_state_layout",
+    "variables_layout",
 ]
 
 # Keras activation names that are plain math (no Python callables from the request).
@@ -76,22 +77,6 @@ LAYER_DEFAULTS: dict[str, dict[str, Any]] = {
     "gru": {**_RECURRENT},
 }
 LAYER_TYPES = tuple(LAYER_DEFAULTS)
-
-# Optimizer hyper-parameters and their defaults (Keras 3's own, so a client's mental model holds).
-OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
-    "sgd": {"learning_rate": 0.01, "momentum": 0.0, "nesterov": False},
-    "adam": {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False},
-    "adamw": {
-        "learning_rate": 0.001,
-        "weight_decay": 0.004,
-        "beta_1": 0.9,
-        "beta_2": 0.999,
-        "epsilon": 1e-7,
-        "amsgrad": False,
-    },
-    "rmsprop": {"learning_rate": 0.001, "rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False},
-    "adagrad": {"learning_rate": 0.001, "initial_accumulator_value": 0.1, "epsilon": 1e-7},
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,3 +357,10 @@ def optimizer_state_layout(optimizer: Mapping[str, Any], layout: ModelLayout) ->
             f"optimizer.type is {kind!r}; allowed: {', '.join(OPTIMIZER_DEFAULTS)}", field="optimizer.type"
         )
     return tuple(out)
+
+
+def variables_layout(variables: Mapping[str, Any]) -> ModelLayout:
+    """An expression step's variables (arrays by name) as trainable 'weights', so the optimizer state
+    layout is computed the same way as a model's."""
+    weights = tuple(WeightInfo(f"variables.{k}", tuple(v.shape), True, 0) for k, v in variables.items())
+    return ModelLayout(weights, 0, 0, ((1,),), False)

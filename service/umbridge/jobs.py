@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.engine.jobs import GradientJob
+from service.jobs import GradientJob
 from service.umbridge.spec import DTYPE, UMModel
 
 __all__ = ["evaluate_job", "gradient_job", "hessian_action_job", "jacobian_action_job", "sens_name"]

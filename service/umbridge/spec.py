@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from service.boundedcache import BoundedCache
 from service.errors import InvalidRequest, TapeserveError
 from service.expr import build_program
+from service.jobs import job_functions
 from service.limits import Limits
 from service.tensorcodec import decode_tensor
 
@@ -162,10 +163,7 @@ def _check(
             f"{where}inputs and constants number {len(input_names) + len(definition.constants)}; "
             f"at most {limits.max_inputs - 1} are allowed (max_inputs, less one kept for ApplyHessian)"
         )
-    functions = {
-        fname: {"params": list(spec.params), "body": spec.body, "gradient": spec.gradient, "doc": spec.doc}
-        for fname, spec in definition.functions.items()
-    }
+    functions = job_functions(definition.functions, doc=True)
     for index, output in enumerate(definition.outputs):
         try:
             build_program(output.expression, input_names, list(definition.constants), functions, limits)

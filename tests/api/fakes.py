@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from service.engine.jobs import GradientJob, GradientResult
 from service.errors import Timeout
+from service.jobs import GradientJob, GradientResult
 from service.limits import Limits
 
 __all__ = ["FakePool", "InlinePool"]

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from service.api.batching import Batcher
-from service.engine.jobs import GradientJob, GradientResult, StackedGradientJob
 from service.errors import EvaluationError, Timeout
+from service.jobs import GradientJob, GradientResult, StackedGradientJob
 from tests.conftest import LiveServer
 from tests.tolerances import CLOSED_FORM, assert_close
 

@@ -16,8 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api import Settings, create_app
-from service.engine.jobs import StepRecord, TrainStepJob, TrainStepResult
 from service.errors import Timeout
+from service.jobs import StepRecord, TrainStepJob, TrainStepResult
 
 PARAMS = 10_000  # one array of the model's "weights" in the fake results
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from service.engine import execute
-from service.engine.jobs import GradientJob, GradientResult
 from service.errors import LimitExceeded
+from service.jobs import GradientJob, GradientResult
 from service.limits import Limits
 from tests.tolerances import CLOSED_FORM, assert_close
 

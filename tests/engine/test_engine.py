@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine import GradientJob, execute
+from service.engine import execute
 from service.errors import (
     EvaluationError,
     InvalidRequest,
@@ -15,6 +15,7 @@ from service.errors import (
     ShapeError,
     TapeserveError,
 )
+from service.jobs import GradientJob
 from service.limits import Limits
 from tests.tolerances import CLOSED_FORM, DERIVED_CHAIN, EXACT, assert_close
 

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine import GradientJob, GradientResult, execute
+from service.engine import execute
 from service.errors import EvaluationError
 from service.expr.functions import BUILTINS
+from service.jobs import GradientJob, GradientResult
 from tests.engine.finite_differences import Arrays, finite_difference
 from tests.tolerances import (
     CLOSED_FORM,

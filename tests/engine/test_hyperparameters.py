@@ -19,7 +19,8 @@ import tensorflow as tf
 
 from service.api.model_schemas import ModelSpec, TrainStepRequest
 from service.engine import execute
-from service.engine.jobs import (
+from service.errors import InvalidRequest
+from service.jobs import (
     ExpressionStepJob,
     ExpressionStepResult,
     ModelGradientJob,
@@ -27,9 +28,7 @@ from service.engine.jobs import (
     TrainStepJob,
     TrainStepResult,
 )
-from service.errors import InvalidRequest
-from service.models.hyperparameters import OPTIMIZER_INITIAL, OPTIMIZER_RUNTIME
-from service.models.layout import OPTIMIZER_DEFAULTS
+from service.jobs.hyperparameters import OPTIMIZER_DEFAULTS, OPTIMIZER_INITIAL, OPTIMIZER_RUNTIME
 from tests.tolerances import (
     CLOSED_FORM,
     EXACT,

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine import GradientJob, GradientResult, execute
+from service.engine import execute
 from service.engine.runner import _compile
 from service.errors import LimitExceeded, ShapeError
+from service.jobs import GradientJob, GradientResult
 from service.limits import Limits
 from tests.engine.finite_differences import Arrays, finite_difference
 from tests.tolerances import CLOSED_FORM, DERIVED_CHAIN, FINITE_DIFFERENCE, STACKED, assert_close

@@ -17,9 +17,10 @@ import tensorflow as tf
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from service.engine import GradientJob, GradientResult, execute, runner
+from service.engine import execute, runner
 from service.engine import plan as plan_module
 from service.engine.plan import UnsupportedGraph, build_plan
+from service.jobs import GradientJob, GradientResult
 from tests.engine.test_random_expressions import (
     CONSTANTS,
     SETTINGS,

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import service.expr  # noqa: F401  (its parser raises the recursion limit on import: do it before hypothesis runs)
-from service.engine import GradientJob, GradientResult, execute
+from service.engine import execute
+from service.jobs import GradientJob, GradientResult
 from tests.engine.finite_differences import Arrays, finite_difference
 from tests.tolerances import DERIVED_CHAIN, FINITE_DIFFERENCE, Tolerance, assert_close
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from service.api.model_schemas import ModelSpec
 from service.engine import execute
-from service.engine.jobs import (
+from service.jobs import (
     ExpressionStepJob,
     ExpressionStepResult,
     ModelGradientJob,

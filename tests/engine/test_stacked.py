@@ -7,8 +7,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine import GradientJob, GradientResult, StackedGradientJob, execute
+from service.engine import execute
 from service.errors import EvaluationError, InvalidRequest
+from service.jobs import GradientJob, GradientResult, StackedGradientJob
 from tests.tolerances import EXACT, FLOAT32_CLOSED_FORM, STACKED, assert_close
 
 ROSEN = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from service.api.model_schemas import ModelSpec, TrainStepRequest
 from service.engine import execute
-from service.engine.jobs import ExpressionStepJob, ModelGradientJob, TrainStepJob, TrainStepResult
+from service.jobs import ExpressionStepJob, ModelGradientJob, TrainStepJob, TrainStepResult
 from tests.tolerances import (
     CLOSED_FORM,
     DERIVED_CHAIN,

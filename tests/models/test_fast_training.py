@@ -24,8 +24,8 @@ from service.api import Settings, create_app, endpoints, offload
 from service.api.model_job import request_elements
 from service.api.model_schemas import ModelSpec, TrainStepRequest
 from service.engine import execute
-from service.engine.jobs import ModelGradientJob, ModelGradientResult, TrainStepJob, TrainStepResult
 from service.errors import ShapeError
+from service.jobs import ModelGradientJob, ModelGradientResult, TrainStepJob, TrainStepResult
 from service.limits import Limits
 from tests.api.fakes import InlinePool
 from tests.tolerances import (

@@ -14,8 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.api import Settings, create_app
 from service.api.logging import ACCESS_LOGGER, JSONFormatter, current_request_id
 from service.api.metrics import _job_kind
-from service.engine.jobs import GradientJob, StackedGradientJob, TrainStepJob
 from service.errors import ShapeError
+from service.jobs import GradientJob, StackedGradientJob, TrainStepJob
 from tests.api.fakes import FakePool
 
 KEY = "secret-key-never-logged"

@@ -74,7 +74,7 @@ def after_reply() -> None:
 
 
 class SignedJob(dict[str, Any]):
-    """A job with a compile-cache signature, as service.engine.jobs.GradientJob has."""
+    """A job with a compile-cache signature, as service.jobs.GradientJob has."""
 
     def signature(self) -> str:
         return str(self.get("signature", ""))

@@ -33,7 +33,7 @@ async def orphans() -> None:
 
 
 async def engine() -> None:
-    from service.engine.jobs import GradientJob
+    from service.jobs import GradientJob
 
     pool = WorkerPool(PoolConfig(devices=("cpu",), default_timeout_s=120.0))
     await pool.start()

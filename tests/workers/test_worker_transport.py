@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.engine.jobs import (
+from service.errors import ShapeError, TapeserveError
+from service.jobs import (
     ExpressionStepJob,
     ExpressionStepResult,
     GradientJob,
@@ -22,7 +23,6 @@ from service.engine.jobs import (
     TrainStepJob,
     TrainStepResult,
 )
-from service.errors import ShapeError, TapeserveError
 from service.workers import transport
 
 

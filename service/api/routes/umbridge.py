@@ -27,8 +27,8 @@ from service.api.deps import OrjsonResponse, PoolDep, SettingsDep
 from service.api.offload import ON_LOOP_PROGRAM_CHARS, RequestWork, claimed_elements, off_loop_if
 from service.api.problems import PROBLEM_MEDIA_TYPE
 from service.api.settings import Settings
-from service.engine.jobs import GradientJob, GradientResult
 from service.errors import InvalidRequest, TapeserveError
+from service.jobs import GradientJob, GradientResult
 from service.tensorcodec import decode_tensor, encode_tensor
 from service.umbridge import jobs
 from service.umbridge.protocol import (

@@ -5,8 +5,7 @@ gradient clipping and on which regularizers exist (and of which kind); the numbe
 (learning rate, momentum, betas, epsilon, rho, weight decay, clip thresholds, L1/L2 strengths)
 are inputs of the traced graph, one float64 vector per call. So a learning-rate schedule, a
 momentum warm-up or a regularization sweep compiles once. Jobs compute their signature (the cache
-and worker-affinity key) and their hyper-parameter vector with these functions; TF-free, like the
-rest of ``service.models.layout``.
+and worker-affinity key) and their hyper-parameter vector with these functions; TF-free.
 
 The vector of a job is: ``optimizer_values``, then ``clip_values``, then ``regularizer_values``.
 """
@@ -16,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from service.models.layout import OPTIMIZER_DEFAULTS
-
 __all__ = [
+    "OPTIMIZER_DEFAULTS",
     "OPTIMIZER_INITIAL",
     "OPTIMIZER_RUNTIME",
     "REGULARIZER_FIELDS",
@@ -31,6 +29,22 @@ __all__ = [
     "regularizer_slots",
     "regularizer_values",
 ]
+
+# Optimizer hyper-parameters and their defaults (Keras 3's own, so a client's mental model holds).
+OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"learning_rate": 0.01, "momentum": 0.0, "nesterov": False},
+    "adam": {"learning_rate": 0.001, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7, "amsgrad": False},
+    "adamw": {
+        "learning_rate": 0.001,
+        "weight_decay": 0.004,
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-7,
+        "amsgrad": False,
+    },
+    "rmsprop": {"learning_rate": 0.001, "rho": 0.9, "momentum": 0.0, "epsilon": 1e-7, "centered": False},
+    "adagrad": {"learning_rate": 0.001, "initial_accumulator_value": 0.1, "epsilon": 1e-7},
+}
 
 # The float hyper-parameters each optimizer's traced step reads, in the order of the vector. The
 # learning rate is always first (Keras keeps it in a float32 variable, which the step assigns).
