@@ -120,11 +120,14 @@ def check_gradient_names(
     order: int | None,
     dtype: str,
     limits: Limits,
+    refuse_unused: bool = True,
 ) -> tuple[str, ...]:
     """What can be refused from names alone; returns wrt (every variable when None), duplicates dropped.
 
     ``tangents`` None: none given ("tangents" is the field a refusal names); a collection: the
-    names given (a missing one is named, ``tangents.<name>``).
+    names given (a missing one is named, ``tangents.<name>``). ``refuse_unused`` also refuses
+    inputs no requested derivative uses (tangents outside wrt or without hvp/jvp, a cotangent
+    without vjp): likely mistakes in a request, which the engine merely ignores.
     """
     if dtype not in DTYPES:
         raise InvalidRequest(f"dtype must be 'float32' or 'float64', got {dtype!r}", field="dtype")
@@ -156,19 +159,19 @@ def check_gradient_names(
                 field="tangents" if tangents is None else f"tangents.{missing[0]}",
             )
         extra = [name for name in given if name not in names]
-        if extra:
+        if extra and refuse_unused:
             raise InvalidRequest(
                 f"tangents given for {', '.join(extra)}, which {'is' if len(extra) == 1 else 'are'} "
                 "not in wrt",
                 field=f"tangents.{extra[0]}",
             )
-    elif tangents:
+    elif tangents and refuse_unused:
         raise InvalidRequest(
             "tangents are only used by hvp and jvp, and neither was requested", field="tangents"
         )
     if "vjp" in derivatives and not cotangent:
         raise InvalidRequest("vjp needs a cotangent (a tensor of the value's shape)", field="cotangent")
-    if "vjp" not in derivatives and cotangent:
+    if "vjp" not in derivatives and cotangent and refuse_unused:
         raise InvalidRequest("cotangent is only used by vjp, which was not requested", field="cotangent")
     if order is not None:
         if len(names) != 1:
@@ -194,7 +197,7 @@ def check_gradient_arrays(
     """Batch axes and tangent shapes; returns the batch size (1 without batch)."""
     size = _check_batch(batch, variables, limits)
     for name, tangent in tangents.items():
-        if tangent.shape != variables[name].shape:
+        if name in variables and tangent.shape != variables[name].shape:
             raise ShapeError(
                 f"tangents.{name} has shape {list(tangent.shape)} but variable {name} has shape "
                 f"{list(variables[name].shape)}",
@@ -204,7 +207,7 @@ def check_gradient_arrays(
 
 
 def check_gradient_job(job: GradientJob, limits: Limits) -> tuple[str, ...]:
-    """Both checks on a whole job (the engine's defence in depth); returns wrt."""
+    """Both checks on a whole job (the engine's defence in depth; unused inputs pass); returns wrt."""
     wrt = check_gradient_names(
         derivatives=job.derivatives,
         variables=list(job.variables),
@@ -215,6 +218,7 @@ def check_gradient_job(job: GradientJob, limits: Limits) -> tuple[str, ...]:
         order=job.order,
         dtype=job.dtype,
         limits=limits,
+        refuse_unused=False,
     )
     check_gradient_arrays(job.variables, job.tangents, batch=job.batch, limits=limits)
     return wrt

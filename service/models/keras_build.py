@@ -274,7 +274,7 @@ def apply_clip(grads: list[Any], clip: str | None, threshold: Any = None) -> lis
     return list(clipped)
 
 
-# --- hyper-parameters as run-time inputs (service/models/hyperparameters.py says which)
+# --- hyper-parameters as run-time inputs (service/jobs/hyperparameters.py says which)
 
 
 def _is_number(value: Any) -> bool:
