@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import graphlib
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -104,3 +106,17 @@ def test_jobs_import_neither_tensorflow_nor_the_web_stack() -> None:
     for path in _sources()["jobs"]:
         heavy = [m for m in _imports(path) if m.split(".")[0] in banned]
         assert not heavy, f"{path.relative_to(ROOT)} imports {heavy}"
+
+
+def test_jobs_and_the_apis_early_checks_load_no_tensorflow() -> None:
+    # A fresh interpreter: this test process may have imported TF for other tests.
+    script = (
+        "import sys, service.jobs, service.models.layout, service.expr.program\n"
+        "print(','.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'keras', 'pydantic', 'fastapi'))) or 'clean')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "clean"
