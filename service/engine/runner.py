@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from service.engine.plan import Plan, build_plan
+from service.engine.programs import ProgramCache, dense, error_message
 from service.errors import (
     EvaluationError,
     InvalidRequest,
@@ -28,7 +28,7 @@ from service.errors import (
 )
 from service.expr.compiler import Compiler
 from service.expr.program import Program, build_program
-from service.jobs import DERIVATIVES, GradientJob, GradientResult, StackedGradientJob
+from service.jobs import GradientJob, GradientResult, StackedGradientJob, check_gradient_job
 from service.limits import Limits
 
 __all__ = ["TapeProgram", "after_reply", "cache_info", "run"]
@@ -70,42 +70,12 @@ class TapeProgram:
     seen: bool = False  # called once already: the second call asks for a plan
 
 
-class _ProgramCache:
-    """A bounded LRU of traced programs; evicting one frees its graph."""
-
-    def __init__(self, size: int) -> None:
-        self.size = max(1, size)
-        self.entries: OrderedDict[str, TapeProgram] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> TapeProgram | None:
-        entry = self.entries.get(key)
-        if entry is not None:
-            self.entries.move_to_end(key)
-            self.hits += 1
-        else:
-            self.misses += 1
-        return entry
-
-    def put(self, key: str, program: TapeProgram) -> None:
-        self.entries[key] = program
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
-
-
 # 256 programs: each holds a few graphs of a few hundred KB; bounded well under a worker's memory.
-_CACHE = _ProgramCache(int(os.environ.get("TAPESERVE_CACHE_SIZE", "256")))
+_CACHE: ProgramCache[TapeProgram] = ProgramCache(int(os.environ.get("TAPESERVE_CACHE_SIZE", "256")))
 
 
 def cache_info() -> dict[str, int]:
-    return {
-        "size": len(_CACHE.entries),
-        "capacity": _CACHE.size,
-        "hits": _CACHE.hits,
-        "misses": _CACHE.misses,
-    }
+    return _CACHE.info()
 
 
 def run(job: GradientJob | StackedGradientJob, limits: Limits | None = None) -> Any:
@@ -129,12 +99,7 @@ def run(job: GradientJob | StackedGradientJob, limits: Limits | None = None) -> 
 
 def _program(job: GradientJob, limits: Limits, stacked: bool) -> tuple[TapeProgram, str]:
     key = ("stacked|" if stacked else "") + job.signature()
-    program = _CACHE.get(key)
-    if program is not None:
-        return program, "hit"
-    program = _compile(job, limits, stacked=stacked)
-    _CACHE.put(key, program)
-    return program, "miss"
+    return _CACHE.get_or_build(key, lambda: _compile(job, limits, stacked=stacked))
 
 
 def _call(
@@ -159,7 +124,8 @@ def _call(
     try:
         outputs = [v.numpy() for v in program.call(*[tf.constant(a) for a in inputs])]
     except tf.errors.InvalidArgumentError as exc:
-        raise EvaluationError(f"the computation failed for these values: {_runtime_message(exc)}") from None
+        message = error_message(exc.message or str(exc), "invalid values")
+        raise EvaluationError(f"the computation failed for these values: {message}") from None
     if program.plan_state == _PLAN_UNTRIED and program.graph is not None and PLANS_ENABLED:
         if program.seen:
             _PENDING.append((program, inputs, outputs))
@@ -244,14 +210,6 @@ def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientRe
     ]
 
 
-def _runtime_message(exc: tf.errors.OpError) -> str:
-    """The op's own complaint from a graph execution error, without TF's construction traceback."""
-    noise = ("File ", "Graph execution error", "Detected at node", "[[", "Traceback")
-    lines = [ln.strip() for ln in (exc.message or str(exc)).splitlines()]
-    useful = [ln for ln in lines if ln and not ln.startswith(noise)]
-    return (useful[-1] if useful else "invalid values")[:300]
-
-
 def _unflatten(arrays: dict[str, np.ndarray], variable: str | None) -> GradientResult:
     result = GradientResult(value=arrays["value"])
     higher: list[tuple[int, np.ndarray]] = []
@@ -281,61 +239,9 @@ def _unflatten(arrays: dict[str, np.ndarray], variable: str | None) -> GradientR
     return result
 
 
-def _validate(job: GradientJob, limits: Limits) -> tuple[list[str], set[str]]:
-    if job.dtype not in _DTYPES:
-        raise InvalidRequest(f"dtype must be 'float32' or 'float64', got {job.dtype!r}", field="dtype")
-    derivatives = set(job.derivatives)
-    unknown = derivatives - set(DERIVATIVES)
-    if unknown:
-        raise InvalidRequest(
-            f"unknown derivative(s) {sorted(unknown)}; allowed: {', '.join(DERIVATIVES)}", field="derivatives"
-        )
-    wrt = list(job.wrt) if job.wrt is not None else list(job.variables)
-    for name in wrt:
-        if name not in job.variables:
-            raise InvalidRequest(f"wrt names {name!r}, which is not a variable", field="wrt")
-    if derivatives & {"hvp", "jvp"}:
-        for name in wrt:
-            if name not in job.tangents:
-                raise InvalidRequest(
-                    f"hvp and jvp need a tangent for every wrt variable; missing {name!r}",
-                    field=f"tangents.{name}",
-                )
-            if job.tangents[name].shape != job.variables[name].shape:
-                raise ShapeError(
-                    f"tangent for {name!r} has shape {list(job.tangents[name].shape)}, the variable has "
-                    f"shape {list(job.variables[name].shape)}",
-                    field=f"tangents.{name}",
-                )
-    if "vjp" in derivatives and job.cotangent is None:
-        raise InvalidRequest("vjp needs a cotangent of the expression's shape", field="cotangent")
-    if job.order is not None:
-        if not 1 <= job.order <= limits.max_order:
-            raise InvalidRequest(f"order must be between 1 and {limits.max_order}", field="order")
-        if len(wrt) != 1:
-            raise InvalidRequest(
-                f"order needs exactly one variable to differentiate by; give wrt=[name] (got {len(wrt)})",
-                field="wrt",
-            )
-    if job.batch:
-        sizes = {name: (v.shape[0] if v.ndim else None) for name, v in job.variables.items()}
-        if any(s is None for s in sizes.values()):
-            scalar = next(k for k, s in sizes.items() if s is None)
-            raise ShapeError(
-                f"batch is true but variable {scalar!r} is a scalar; it needs a leading batch axis",
-                field=f"variables.{scalar}",
-            )
-        if len(set(sizes.values())) > 1:
-            raise ShapeError(
-                f"batch is true but the variables' leading axes differ: {sizes}", field="variables"
-            )
-        if not job.variables:
-            raise InvalidRequest("batch needs at least one variable", field="variables")
-    return wrt, derivatives
-
-
 def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapeProgram:
-    wrt, derivatives = _validate(job, limits)
+    wrt = list(check_gradient_job(job, limits))  # the API's checks again: a job may come from elsewhere
+    derivatives = set(job.derivatives)
     program = build_program(job.expression, list(job.variables), list(job.constants), job.functions, limits)
     _check_order(program, job, derivatives, limits)
     dtype = _DTYPES[job.dtype]
@@ -474,11 +380,6 @@ def _flat_caller(concrete: Any) -> Callable[..., Sequence[Any]]:
     return public
 
 
-def _dense(grads: list[Any]) -> list[Any]:
-    """Gradients through gather come back as IndexedSlices; clients (and outer tapes) need tensors."""
-    return [tf.convert_to_tensor(g) for g in grads]
-
-
 def _jacobian(tape: tf.GradientTape, target: Any, source: Any, vectorize: bool = True) -> Any:
     """d target / d source, shaped target.shape + source.shape: one vjp per row, vectorized.
 
@@ -541,7 +442,7 @@ def _reverse_jvp(tape: tf.GradientTape, f: Any, xs: list[Any], tangents: list[An
     u = tf.zeros_like(f)
     with tf.GradientTape() as in_u:
         in_u.watch(u)
-        vjp = _dense(tape.gradient(f, xs, output_gradients=u, unconnected_gradients=_ZERO))
+        vjp = dense(tape.gradient(f, xs, output_gradients=u, unconnected_gradients=_ZERO))
         pairing = tf.add_n([tf.reduce_sum(v * t) for v, t in zip(vjp, tangents, strict=True)])
     return tf.convert_to_tensor(in_u.gradient(pairing, u, unconnected_gradients=_ZERO))
 
@@ -646,7 +547,7 @@ def _tape_program(
             tapes[level].__exit__(None, None, None)
             open_tapes -= 1
             if level == depth - 1:
-                grads = _dense(tapes[level].gradient(f, xs, unconnected_gradients=_ZERO))
+                grads = dense(tapes[level].gradient(f, xs, unconnected_gradients=_ZERO))
                 chain = [grads[0]] if order else []
             elif len(chain) < order:
                 # Each level vectorizes the program of the level before, rows and all.
@@ -672,7 +573,7 @@ def _tape_program(
                     f"shape {list(f.shape)}{per_point}",
                     field="cotangent",
                 )
-            vjp = _dense(tapes[-1].gradient(f, xs, output_gradients=cotangent, unconnected_gradients=_ZERO))
+            vjp = dense(tapes[-1].gradient(f, xs, output_gradients=cotangent, unconnected_gradients=_ZERO))
             for name, v in zip(wrt, vjp, strict=True):
                 out[f"vjp/{name}"] = v
         if "hessian" in derivatives:
@@ -683,9 +584,7 @@ def _tape_program(
                     _check_rows(_bound(ga.shape), largest, batch, limits, block)
                     out[f"hessian/{a}/{b}"] = _jacobian(tapes[-2], ga, xb, not loops)
         if "hvp" in derivatives:
-            hvp = _dense(
-                tapes[-2].gradient(grads, xs, output_gradients=tangents, unconnected_gradients=_ZERO)
-            )
+            hvp = dense(tapes[-2].gradient(grads, xs, output_gradients=tangents, unconnected_gradients=_ZERO))
             for name, h in zip(wrt, hvp, strict=True):
                 out[f"hvp/{name}"] = h
         return out

@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service.api.gradient_job import build_gradient_job
 from service.api.model_job import build_expression_step_job, build_train_step_job
 from service.api.model_schemas import ExpressionStepRequest, TrainStepRequest
+from service.api.schemas import GradientRequest
 from service.engine import execute
 from service.errors import TapeserveError
 from service.limits import Limits
@@ -82,4 +84,35 @@ def test_an_expression_steps_optimizer_state() -> None:
         ExpressionStepRequest.model_validate(expression_step()),
         ExpressionStepRequest.model_validate(expression_step(optimizer_state=[0.0])),
         optimizer_state=[np.zeros((), np.float32)],
+    )
+
+
+def gradient(**fields: Any) -> GradientRequest:
+    body = {"expression": "sum(x * c)", "variables": {"x": [1.0, 2.0]}, "constants": {"c": 2.0}}
+    return GradientRequest.model_validate(body | fields)
+
+
+def test_a_constant_in_wrt() -> None:
+    both_refuse(build_gradient_job, gradient(), gradient(wrt=["c"]), wrt=("c",))
+
+
+def test_missing_tangents() -> None:
+    tangents = {"x": [1.0, 1.0]}
+    both_refuse(
+        build_gradient_job,
+        gradient(derivatives=["hvp"], tangents=tangents),
+        gradient(derivatives=["hvp"], tangents={"y": [1.0]}, variables={"x": [1.0, 2.0], "y": [1.0]}),
+        tangents={"y": np.ones(1, np.float32)},
+        variables={"x": np.ones(2, np.float32), "y": np.ones(1, np.float32)},
+    )
+
+
+def test_batches_of_different_sizes() -> None:
+    variables = {"x": [[1.0], [2.0]], "y": [1.0, 2.0, 3.0]}
+    both_refuse(
+        build_gradient_job,
+        gradient(expression="sum(x)", variables={"x": [[1.0], [2.0]]}, constants={}, batch=True),
+        gradient(expression="sum(x) + y", variables=variables, constants={}, batch=True),
+        expression="sum(x) + y",
+        variables={"x": np.ones((2, 1), np.float32), "y": np.ones(3, np.float32)},
     )

@@ -98,7 +98,9 @@ def test_batches_share_their_leading_axis() -> None:
 def test_tensor_lists_say_what_the_model_needs() -> None:
     layout = model_layout(SPEC)
     error = refusal(ShapeError, check_tensors, [np.ones((3, 2))], layout.weights, "weights")
-    assert error.detail == "weights has 1 tensors; this model needs 2 (model.layers[0].kernel, model.layers[0].bias)"
+    assert error.detail == (
+        "weights has 1 tensors; this model needs 2 (model.layers[0].kernel, model.layers[0].bias)"
+    )
     error = refusal(ShapeError, check_tensors, [np.ones((3, 2)), np.ones(3)], layout.weights, "weights")
     assert error.detail == "weights[1] (model.layers[0].bias) has shape [3]; it must be [2]"
 
