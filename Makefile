@@ -80,7 +80,9 @@ bench/.peers/bin/python:
 	$(PYTHON) -m venv bench/.peers
 	bench/.peers/bin/python -m pip install --quiet httpstan
 
-bench-peers: $(VENV)/.installed-server /usr/bin/wrk bench/.peers/bin/python
+# The second peer, UM-Bridge's own server with a tf.function model (bench/umbridge_peer.py), runs from
+# our venv: it needs TensorFlow (the server extra) and umbridge (the test extra).
+bench-peers: $(VENV)/.installed-test /usr/bin/wrk bench/.peers/bin/python
 	$(BIN)/python bench/run.py --peers
 
 # 10,000 distinct expressions (about 10 minutes): worker RSS stays under its bound.

@@ -1,4 +1,4 @@
-"""`make bench`: tapeserve against its compute floor, its HTTP floor and (with --peers) httpstan.
+"""`make bench`: tapeserve against its compute and HTTP floors, with --peers httpstan and UM-Bridge.
 
 Starts the servers on loopback, drives them with one keep-alive httpx client (sequential latency)
 and wrk (throughput), measures the same work in-process with a cached tf.function, prints one table
@@ -30,6 +30,12 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python bench/run.py` puts bench/, not the repository, on the path
+    sys.path.insert(0, str(ROOT))
+
+from examples import whole_runs  # noqa: E402
+from examples.whole_runs import rosen_gradient  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 ROSEN = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"
 X10 = [0.1 * i for i in range(10)]
@@ -37,6 +43,13 @@ STAN_ROSEN = """
 parameters { vector[10] x; }
 model { target += -sum(100 * square(x[2:10] - square(x[1:9])) + square(1 - x[1:9])); }
 """
+# The HMC target of the whole-run rows: -q'Pq / 2 with P the AR(1) precision (examples/whole_runs.py).
+STAN_GAUSS = """
+data { int d; matrix[d, d] P; }
+parameters { vector[d] q; }
+model { target += -0.5 * quad_form(P, q); }
+"""
+PEERS = ROOT / "bench" / ".peers" / "bin" / "python"
 
 
 def free_port() -> int:
@@ -336,9 +349,8 @@ def bench_memory(count: int, rows: dict[str, Any]) -> None:
 
 
 def bench_httpstan(args: argparse.Namespace, rows: dict[str, Any]) -> None:
-    python = ROOT / "bench" / ".peers" / "bin" / "python"
     port = free_port()
-    with server([str(python), "-m", "httpstan", "--port", str(port)], port, "/v1/health") as url:
+    with server([str(PEERS), "-m", "httpstan", "--port", str(port)], port, "/v1/health") as url:
         with httpx.Client(base_url=url, timeout=600) as client:
             model = client.post("/v1/models", json={"program_code": STAN_ROSEN}).raise_for_status().json()
             path = f"/v1/{model['name']}/log_prob_grad"
@@ -351,34 +363,63 @@ def bench_httpstan(args: argparse.Namespace, rows: dict[str, Any]) -> None:
             rows["httpstan rosen10 gradient, wrk 16 conns"] = wrk(url + path, body, 16, args.seconds)
 
 
+def umbridge_peer() -> tuple[list[str], int]:
+    port = free_port()
+    return [sys.executable, str(ROOT / "bench" / "umbridge_peer.py"), str(port)], port
+
+
+UMBRIDGE_BODY = {"name": "rosen10", "outWrt": 0, "inWrt": 0, "input": [X10], "sens": [1.0], "config": {}}
+
+
+def bench_umbridge(args: argparse.Namespace, rows: dict[str, Any]) -> None:
+    """UM-Bridge's own Python server (bench/umbridge_peer.py: a tf.function rosen10), as httpstan above."""
+    argv, port = umbridge_peer()
+    with server(argv, port, "/Info") as url, httpx.Client(base_url=url, timeout=120) as client:
+        grad = client.post("/Gradient", json=UMBRIDGE_BODY).raise_for_status().json()["output"]
+        check("UM-Bridge rosen10 gradient", np.asarray(grad), rosen_gradient(np.array(X10)), 1e-12)
+        rows["UM-Bridge rosen10 gradient, sequential"] = summary(
+            timed(lambda: client.post("/Gradient", json=UMBRIDGE_BODY).raise_for_status(), args.n)
+        )
+        rows["UM-Bridge rosen10 gradient, wrk 16 conns"] = wrk(
+            url + "/Gradient", UMBRIDGE_BODY, 16, args.seconds
+        )
+
+
 def bench_interleaved(args: argparse.Namespace, rows: dict[str, Any], rounds: int = 10) -> None:
-    """Target 1 with tapeserve and httpstan running side by side, measured in alternating blocks.
+    """Target 1 with tapeserve, httpstan and UM-Bridge running side by side, in alternating blocks.
 
     The separate workloads above run minutes apart, and this machine's speed drifts over minutes by
     more than the difference being measured; alternating blocks of 100 requests (order reversed every
-    round) gives both servers the same conditions. Each p50 is over all its rounds' samples.
+    round) gives the servers the same conditions. Each p50 is over all its rounds' samples.
     """
     grad = {"expression": ROSEN, "variables": {"x": X10}, "dtype": "float64"}
     hess = {**grad, "derivatives": ["gradient", "hessian"]}
     argv, port, env = tapeserve({})
-    python = ROOT / "bench" / ".peers" / "bin" / "python"
     stan_port = free_port()
+    umb_argv, umb_port = umbridge_peer()
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(server(argv, port, "/readyz", env))
         stan_url = stack.enter_context(
-            server([str(python), "-m", "httpstan", "--port", str(stan_port)], stan_port, "/v1/health")
+            server([str(PEERS), "-m", "httpstan", "--port", str(stan_port)], stan_port, "/v1/health")
         )
+        umb_url = stack.enter_context(server(umb_argv, umb_port, "/Info"))
+        umb = stack.enter_context(httpx.Client(base_url=umb_url))
         ours = stack.enter_context(httpx.Client(base_url=url))
         stan = stack.enter_context(httpx.Client(base_url=stan_url, timeout=600))
         model = stan.post("/v1/models", json={"program_code": STAN_ROSEN}).raise_for_status().json()
         path = f"/v1/{model['name']}/log_prob_grad"
         body = {"data": {}, "unconstrained_parameters": X10, "adjust_transform": False}
         workloads: dict[str, Callable[[], Any]] = {
-            "interleaved: tapeserve rosen10 gradient": lambda: ours.post("/v1/gradient", json=grad)
-            .raise_for_status(),
-            "interleaved: tapeserve rosen10 gradient+hessian": lambda: ours.post("/v1/gradient", json=hess)
-            .raise_for_status(),
+            "interleaved: tapeserve rosen10 gradient": lambda: ours.post(
+                "/v1/gradient", json=grad
+            ).raise_for_status(),
+            "interleaved: tapeserve rosen10 gradient+hessian": lambda: ours.post(
+                "/v1/gradient", json=hess
+            ).raise_for_status(),
             "interleaved: httpstan rosen10 gradient": lambda: stan.post(path, json=body).raise_for_status(),
+            "interleaved: UM-Bridge rosen10 gradient": lambda: umb.post(
+                "/Gradient", json=UMBRIDGE_BODY
+            ).raise_for_status(),
         }
         samples: dict[str, list[float]] = {name: [] for name in workloads}
         block = max(20, args.n // 5)
@@ -386,6 +427,149 @@ def bench_interleaved(args: argparse.Namespace, rows: dict[str, Any], rounds: in
             order = list(workloads) if r % 2 == 0 else list(reversed(workloads))
             for name in order:
                 samples[name] += timed(workloads[name], block, warmup=20 if r == 0 else 5)
+    for name, values in samples.items():
+        rows[name] = summary(values)
+
+
+# Whole runs (issue 21 point 3): a run is one request, or one gradient request per step.
+ADAM_STEPS, LEAPFROG_STEPS, LEAPFROG_EPS, RHO = 100, 20, 0.1, 0.9
+# Both sides run the same float64 arithmetic on the same inputs; what differs is the order of
+# rounding (TensorFlow's or numpy's sums, Keras' update vs examples/whole_runs.adam, which copies its
+# float32 learning rate and bias-correction betas). Measured: ~3e-16 after 100 Adam steps, ~1e-15
+# after 20 leapfrog steps (a stable linear map here: eps * sqrt(max eigenvalue of P) = 0.44 < 2,
+# so rounding does not grow). 1e-9 relative to max(1, |value|) leaves room and still catches any
+# real difference (a wrong step, a missing half-kick, float32 anywhere: >= 1e-8).
+WHOLE_RUN_TOLERANCE = 1e-9
+CHECKS: dict[str, float] = {}
+ADAM_ONE = f"whole run: {ADAM_STEPS} Adam steps, tapeserve, 1 request"
+LEAP_ONE = f"whole run: {LEAPFROG_STEPS} leapfrog steps, tapeserve, 1 request"
+
+
+def adam_seq(system: str) -> str:
+    return f"whole run: {ADAM_STEPS} Adam steps, {system}, {ADAM_STEPS} gradient requests"
+
+
+def leap_seq(system: str) -> str:
+    return f"whole run: {LEAPFROG_STEPS} leapfrog steps, {system}, {LEAPFROG_STEPS + 1} gradient requests"
+
+
+def check(what: str, actual: Any, expected: Any, tolerance: float = WHOLE_RUN_TOLERANCE) -> float:
+    """The largest error relative to max(1, |expected|); a mismatch is printed loudly, not raised."""
+    a, e = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    error = float(np.max(np.abs(a - e) / np.maximum(1.0, np.abs(e)))) if a.shape == e.shape else float("inf")
+    CHECKS[what] = error
+    if not error <= tolerance:
+        banner = "!" * 100
+        print(f"{banner}\nMISMATCH: {what}: error {error:.3g} > {tolerance:g}\n"
+              f"  got      {a.ravel()[:6]}\n  expected {e.ravel()[:6]}\n{banner}", flush=True)  # fmt: skip
+    return error
+
+
+def alternating(
+    workloads: dict[str, Callable[[], Any]], rounds: int, per_round: int
+) -> dict[str, list[float]]:
+    """Whole-run times (ms) in alternating blocks, order reversed every round (see bench_interleaved)."""
+    samples: dict[str, list[float]] = {name: [] for name in workloads}
+    for r in range(rounds):
+        order = list(workloads) if r % 2 == 0 else list(reversed(workloads))
+        for name in order:
+            samples[name] += timed(workloads[name], per_round, warmup=1)
+    return samples
+
+
+def bench_whole_runs(args: argparse.Namespace, rows: dict[str, Any]) -> None:
+    """100 Adam steps on rosen10 and a 20-step leapfrog trajectory: one request vs one per gradient.
+
+    The sequential forms are examples/whole_runs.py's numpy loops fed by one gradient request per
+    step (Adam: 100; leapfrog: 21, the first gradient and one after each drift). With --peers the
+    same loops run on httpstan's log_prob_grad and, for Adam, on UM-Bridge's Gradient: neither has
+    a one-request form of this work (httpstan's only run is an adaptive NUTS sampler, UM-Bridge
+    has no loops), so they are compared by their sequential runs.
+    """
+    wr = whole_runs
+    x0 = np.array(X10)
+    d = 10
+    precision = wr.ar1_precision(d, RHO)
+    rng = np.random.default_rng(0)
+    q0, p0 = rng.standard_normal(d), rng.standard_normal(d)
+    adam_body = wr.adam_request(x0, ADAM_STEPS)
+    trajectory_body = wr.trajectory_request(q0, p0, precision, LEAPFROG_EPS, LEAPFROG_STEPS)
+    adam_ref = wr.adam(wr.rosen_gradient, x0, ADAM_STEPS)
+    leap_ref = np.hstack(wr.leapfrog(lambda q: -precision @ q, q0, p0, LEAPFROG_EPS, LEAPFROG_STEPS))
+    argv, port, env = tapeserve({})
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(server(argv, port, "/readyz", env))
+        ours = stack.enter_context(httpx.Client(base_url=url, timeout=120))
+
+        def adam_one() -> np.ndarray:
+            out = ours.post("/v1/step", json=adam_body).raise_for_status().json()
+            return np.asarray(out["variables"]["x"])
+
+        def ts_rosen_grad(x: np.ndarray) -> np.ndarray:
+            body = wr.gradient_request(wr.ROSEN, "x", x)
+            return np.asarray(ours.post("/v1/gradient", json=body).raise_for_status().json()["gradient"]["x"])
+
+        def ts_logp_grad(q: np.ndarray) -> np.ndarray:
+            body = wr.gradient_request(wr.LOGP, "q", q, constants={"P": precision.tolist()})
+            return np.asarray(ours.post("/v1/gradient", json=body).raise_for_status().json()["gradient"]["q"])
+
+        def trajectory_one() -> np.ndarray:
+            out = ours.post("/v1/gradient", json=trajectory_body).raise_for_status().json()
+            return np.asarray(out["value"])
+
+        workloads: dict[str, Callable[[], Any]] = {
+            ADAM_ONE: adam_one,
+            adam_seq("tapeserve"): lambda: wr.adam(ts_rosen_grad, x0, ADAM_STEPS),
+            LEAP_ONE: trajectory_one,
+            leap_seq("tapeserve"): lambda: np.hstack(
+                wr.leapfrog(ts_logp_grad, q0, p0, LEAPFROG_EPS, LEAPFROG_STEPS)
+            ),
+        }
+        if args.peers:
+            stan_port = free_port()
+            stan_url = stack.enter_context(
+                server([str(PEERS), "-m", "httpstan", "--port", str(stan_port)], stan_port, "/v1/health")
+            )
+            stan = stack.enter_context(httpx.Client(base_url=stan_url, timeout=600))
+            rosen_model = stan.post("/v1/models", json={"program_code": STAN_ROSEN}).raise_for_status().json()
+            gauss_model = stan.post("/v1/models", json={"program_code": STAN_GAUSS}).raise_for_status().json()
+            rosen_path = f"/v1/{rosen_model['name']}/log_prob_grad"
+            gauss_path = f"/v1/{gauss_model['name']}/log_prob_grad"
+            gauss_data = {"d": d, "P": precision.tolist()}
+
+            def stan_rosen_grad(x: np.ndarray) -> np.ndarray:  # target is -rosen
+                body = {"data": {}, "unconstrained_parameters": x.tolist(), "adjust_transform": False}
+                return -np.asarray(
+                    stan.post(rosen_path, json=body).raise_for_status().json()["log_prob_grad"]
+                )
+
+            def stan_logp_grad(q: np.ndarray) -> np.ndarray:
+                body = {"data": gauss_data, "unconstrained_parameters": q.tolist(), "adjust_transform": False}
+                return np.asarray(stan.post(gauss_path, json=body).raise_for_status().json()["log_prob_grad"])
+
+            argv_u, port_u = umbridge_peer()
+            umb_url = stack.enter_context(server(argv_u, port_u, "/Info"))
+            umb = stack.enter_context(httpx.Client(base_url=umb_url, timeout=120))
+
+            def umb_rosen_grad(x: np.ndarray) -> np.ndarray:
+                body = {**UMBRIDGE_BODY, "input": [x.tolist()]}
+                return np.asarray(umb.post("/Gradient", json=body).raise_for_status().json()["output"])
+
+            workloads[adam_seq("httpstan")] = lambda: wr.adam(stan_rosen_grad, x0, ADAM_STEPS)
+            workloads[adam_seq("UM-Bridge")] = lambda: wr.adam(umb_rosen_grad, x0, ADAM_STEPS)
+            workloads[leap_seq("httpstan")] = lambda: np.hstack(
+                wr.leapfrog(stan_logp_grad, q0, p0, LEAPFROG_EPS, LEAPFROG_STEPS)
+            )
+        # Every form's answer, once (the runs are deterministic), before timing: each against numpy
+        # (examples/whole_runs.py's loops on hand-written gradients) and each one-request run against
+        # the same loop fed by tapeserve's gradient requests.
+        answers = {name: run() for name, run in workloads.items()}
+        for name, answer in answers.items():
+            check(f"{name} vs numpy", answer, adam_ref if "Adam" in name else leap_ref)
+        check(f"{ADAM_ONE} vs {adam_seq('tapeserve')}", answers[ADAM_ONE], answers[adam_seq("tapeserve")])
+        check(f"{LEAP_ONE} vs {leap_seq('tapeserve')}", answers[LEAP_ONE], answers[leap_seq("tapeserve")])
+        runs = max(6, args.n // 25)
+        samples = alternating(workloads, rounds=max(2, runs // 4), per_round=min(4, runs))
     for name, values in samples.items():
         rows[name] = summary(values)
 
@@ -407,10 +591,12 @@ def main() -> None:
     parser.add_argument("-n", type=int, default=500, help="requests per sequential workload")
     parser.add_argument("--cold", type=int, default=15, help="distinct expressions for the cold workload")
     parser.add_argument("--seconds", type=int, default=8, help="duration of each wrk run")
-    parser.add_argument("--peers", action="store_true", help="also measure httpstan (make bench-peers)")
+    parser.add_argument("--peers", action="store_true", help="also measure httpstan and UM-Bridge")
     parser.add_argument("--memory", type=int, default=0, help="distinct expressions for the memory workload")
     parser.add_argument("--memory-only", action="store_true", help="run only the memory workload")
-    parser.add_argument("--only", choices=["training"], help="run only this workload (results/NAME.json)")
+    parser.add_argument(
+        "--only", choices=["training", "whole-runs"], help="run only this workload (results/NAME.json)"
+    )
     args = parser.parse_args()
 
     results: dict[str, Any] = {
@@ -432,9 +618,13 @@ def main() -> None:
     if not args.only:
         bench_echo(args, rows)
         bench_tapeserve(args, rows)
-    bench_training(args, rows)
+    if args.only != "whole-runs":
+        bench_training(args, rows)
+    if args.only != "training":
+        bench_whole_runs(args, rows)
     if args.peers and not args.only:
         bench_httpstan(args, rows)
+        bench_umbridge(args, rows)
         bench_interleaved(args, rows)
     if args.memory and not args.only:
         bench_memory(args.memory, rows)
@@ -481,6 +671,34 @@ def main() -> None:
         ),
     }
 
+    for name in [ADAM_ONE, LEAP_ONE]:
+        steps = ADAM_STEPS if name == ADAM_ONE else LEAPFROG_STEPS
+        for system in ["tapeserve", "httpstan", "UM-Bridge"]:
+            sequential = adam_seq(system) if name == ADAM_ONE else leap_seq(system)
+            what = f"{steps} Adam steps" if name == ADAM_ONE else f"{steps} leapfrog steps"
+            if sequential in rows:
+                results["ratios"][f"3. {what}: {system} sequential requests / tapeserve 1 request"] = ratio(
+                    rows, sequential, name, "p50_ms"
+                )
+    umb_mixed, umb_wrk = "interleaved: UM-Bridge rosen10 gradient", "UM-Bridge rosen10 gradient, wrk 16 conns"
+    results["ratios"].update({
+        "5'. UM-Bridge gradient p50 / httpstan p50, interleaved": ratio(
+            rows, umb_mixed, mixed, "p50_ms"
+        ),
+        "5'. tapeserve gradient p50 / UM-Bridge p50, interleaved": ratio(
+            rows, "interleaved: tapeserve rosen10 gradient", umb_mixed, "p50_ms"
+        ),
+        "5'. 16-conn throughput, tapeserve / UM-Bridge": ratio(
+            rows, "tapeserve rosen10 gradient, wrk 16 conns", umb_wrk, "rps"
+        ),
+        "5'. 16-conn throughput, UM-Bridge / httpstan": ratio(
+            rows, umb_wrk, "httpstan rosen10 gradient, wrk 16 conns", "rps"
+        ),
+    })  # fmt: skip
+    if CHECKS:
+        rows["checks: max error relative to max(1, |reference|)"] = dict(CHECKS)
+        results["mismatches"] = [name for name, error in CHECKS.items() if not error <= WHOLE_RUN_TOLERANCE]
+
     print(f"machine: {results['machine']}, {results['when']}")
     print(f"{'workload':<62} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
     for name, row in rows.items():
@@ -491,6 +709,8 @@ def main() -> None:
             print(f"{name:<62} {json.dumps(row)}")
     for name, value in results["ratios"].items():
         print(f"{name:<84} {'n/a' if value is None else f'{value:.3f}'}")
+    if results.get("mismatches"):
+        print(f"!!! MISMATCH in {len(results['mismatches'])} checks: {results['mismatches']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.only or 'latest'}.json").write_text(json.dumps(results, indent=2) + "\n")
 
