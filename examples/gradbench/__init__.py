@@ -1,10 +1,9 @@
-"""GradBench's evals (github.com/gradbench/gradbench) written as tapeserve requests, one module per eval
-(all but ht).
+"""GradBench's evals (github.com/gradbench/gradbench) written as tapeserve requests, one module per eval.
 
 Each module has ``FUNCTIONS``: the eval's function names mapped to ``(client, input) -> output``,
 where ``input`` is the eval's JSON input and ``output`` what GradBench expects back. The service does
-the math in float64; the client only reshapes inputs and outputs (and, for ba, lays out the sparse
-Jacobian). ``tool.py`` speaks GradBench's protocol on stdin/stdout with these modules.
+the math in float64; the client only reshapes inputs and outputs (and lays out ba's sparse Jacobian and
+ht's pose table). ``tool.py`` speaks GradBench's protocol on stdin/stdout with these modules.
 """
 
 from __future__ import annotations

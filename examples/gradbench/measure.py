@@ -1,12 +1,14 @@
 """Run the examples at GradBench's default sizes against a server: pass/fail and cold/warm times.
 
-    python -m examples.gradbench.measure --url http://127.0.0.1:8000 --ba-data ~/gradbench/evals/ba/data
+    python -m examples.gradbench.measure --url http://127.0.0.1:8000 --ba-data ~/gradbench/evals/ba/data \
+        --ht-data ~/gradbench/evals/ht/data
 
 Inputs are generated as GradBench's evals generate them (same sizes, seeds and generators). Each
 answer is checked with GradBench's rule, |x - y| / max(1, |x| + |y|) <= 1e-4, against float64 numpy
 written here: closed forms where they exist (lse, llsq, det, kmeans), the objective and central
-differences at sampled coordinates (gmm, ba). "cold" is the first request of a size (the service
-compiles the program), "warm" the median of the next ``--warm`` requests; both are full round trips.
+differences at sampled coordinates (gmm, ba), or at every column (ht's 28). "cold" is the first
+request of a size (the service compiles the program), "warm" the median of the next ``--warm``
+requests; both are full round trips.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from examples.gradbench import ba, det, gmm, hello, kmeans, llsq, lse, lstm, ode, particle, saddle
+from examples.gradbench import ba, det, gmm, hello, ht, kmeans, llsq, lse, lstm, ode, particle, saddle
 from service.client import Client
 
 TOLERANCE = 1e-4
@@ -339,6 +341,132 @@ def lstm_cases(text_path: Path | None) -> Iterator[Case]:
         yield "jacobian", f"l={layers},c={c}", input, check
 
 
+def _ht_model(directory: Path) -> dict[str, Any]:
+    """GradBench's hand model (``model/`` of a data directory) in the eval's JSON form."""
+
+    def rows(name: str) -> list[list[str]]:
+        return [line.split(":") for line in (directory / name).read_text().splitlines() if line.strip()]
+
+    bones, vertices = rows("bones.txt"), rows("vertices.txt")
+    weights = np.zeros((len(vertices), len(bones)))
+    for i, atoms in enumerate(vertices):
+        for k in range(int(atoms[8])):  # atoms 9.. are (bone, weight) pairs
+            weights[i, int(atoms[9 + 2 * k])] = float(atoms[10 + 2 * k])
+    positions = np.ones((len(vertices), 4))
+    positions[:, :3] = [[float(v) for v in atoms[:3]] for atoms in vertices]
+    return {
+        "bone_count": len(bones), "bone_names": [atoms[0] for atoms in bones],
+        "parents": [int(atoms[1]) for atoms in bones],
+        "base_relatives": [np.array(atoms[2:18], float).reshape(4, 4).tolist() for atoms in bones],
+        "inverse_base_absolutes": [np.array(atoms[18:34], float).reshape(4, 4).tolist() for atoms in bones],
+        "base_positions": positions.tolist(), "weights": weights.tolist(),
+        "triangles": [[int(v) for v in atoms] for atoms in rows("triangles.txt")], "is_mirrored": False,
+    }  # fmt: skip
+
+
+def _ht_instance(model: dict[str, Any], path: Path, complicated: bool) -> dict[str, Any]:
+    lines = path.read_text().splitlines()
+    n, count = (int(v) for v in lines[0].split())
+    points = [line.split() for line in lines[1 : 1 + n]]
+    us = [[float(v) for v in line.split()] for line in lines[1 + n : 1 + 2 * n]] if complicated else []
+    start = 1 + (2 if complicated else 1) * n
+    return {
+        "theta": [float(lines[start + i]) for i in range(count)],
+        "data": {"model": model, "correspondences": [int(p[0]) for p in points],
+                 "points": [[float(v) for v in p[1:]] for p in points]},
+        "us": us,
+    }  # fmt: skip
+
+
+def _ht_residuals(theta: np.ndarray, model: dict[str, Any], corr: np.ndarray, points: np.ndarray,
+                  us: np.ndarray) -> np.ndarray:  # fmt: skip
+    parents, slots = model["parents"], ht.pose_slots(len(model["parents"]))
+    pose = np.concatenate([theta, [0.0, 1.0]])[slots].reshape(-1, 3)
+
+    def turn(i: int, j: int, t: float) -> np.ndarray:
+        r = np.eye(3)
+        r[i, i] = r[j, j] = math.cos(t)
+        r[i, j], r[j, i] = -math.sin(t), math.sin(t)
+        return r
+
+    absolutes: list[np.ndarray] = []
+    for b, (tx, tz, ty) in enumerate(pose[3:]):
+        posed = np.eye(4)
+        posed[:3, :3] = turn(0, 1, tz) @ turn(2, 0, ty) @ turn(1, 2, tx)
+        relative = model["base_relatives"][b] @ posed
+        absolutes.append(relative if parents[b] < 0 else absolutes[parents[b]] @ relative)
+    transforms = np.stack(absolutes) @ model["inverse_base_absolutes"]
+    positions = np.einsum("vb,brk,vk->vr", model["weights"], transforms[:, :3], model["base_positions"])
+    if model["is_mirrored"]:
+        positions[:, 0] *= -1
+    angle = float(np.linalg.norm(theta[:3]))
+    if angle >= 1e-4:
+        k = theta[:3] / angle
+        skew = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+        positions = positions @ (np.eye(3) + math.sin(angle) * skew + (1 - math.cos(angle)) * skew @ skew).T
+    positions = positions + theta[3:6]
+    if us.size == 0:
+        return (points - positions[corr]).ravel()
+    tri = model["triangles"][corr]
+    hand = us[:, :1] * positions[tri[:, 0]] + us[:, 1:] * positions[tri[:, 1]]
+    return (points - hand - (1 - us[:, :1] - us[:, 1:]) * positions[tri[:, 2]]).ravel()
+
+
+def ht_cases(data: Path | None, variant: str = "complicated_big") -> Iterator[Case]:
+    """GradBench's default: the complicated variant on the big model, hands 1..12. Where a hand
+    file is absent or empty (hand12, 100,000 points, is a large file), the largest one present is
+    repeated up to its point count."""
+    if data is None:
+        return
+    directory, complicated = data / variant, variant.startswith("complicated")
+    model = _ht_model(directory / "model")
+    arrays = {key: np.asarray(model[key], dtype=np.int64 if key in ("triangles",) else np.float64)
+              for key in ("base_relatives", "inverse_base_absolutes", "weights", "base_positions",
+                          "triangles")} | {"parents": model["parents"], "is_mirrored": False}  # fmt: skip
+    largest: dict[str, Any] | None = None
+    for i in range(1, 13):
+        path = next(directory.glob(f"hand{i}_*.txt"), None)
+        if path is None:
+            continue
+        wanted = int(path.stem.rsplit("_c", 1)[1])
+        if path.stat().st_size > 0:
+            input = largest = _ht_instance(model, path, complicated)
+        elif largest is not None:
+            have = len(largest["data"]["correspondences"])
+            index = np.arange(wanted) % have
+            data_part = {
+                key: np.asarray(largest["data"][key])[index].tolist() for key in ("correspondences", "points")
+            }
+            us = np.asarray(largest["us"])[index].tolist() if complicated else []
+            input = {"theta": largest["theta"], "data": {"model": model, **data_part}, "us": us}
+        else:
+            continue
+        theta, us = np.asarray(input["theta"]), np.asarray(input["us"], np.float64).reshape(-1, 2)
+        corr, points = np.asarray(input["data"]["correspondences"]), np.asarray(input["data"]["points"])
+        residuals = _ht_residuals(theta, arrays, corr, points, us if complicated else np.empty(0))
+        yield "objective", path.stem, input, lambda out, r=residuals: gradbench_error(out, r)
+
+        def check(out: Any, theta: np.ndarray = theta, us: np.ndarray = us, corr: np.ndarray = corr,
+                  points: np.ndarray = points) -> float:  # fmt: skip
+            # every column by central differences; a point's residuals depend only on its own us,
+            # so moving all of us[:, k] at once gives the k-th column of every 3 x 2 block
+            columns = []
+            for k in range(2 if complicated else 0):
+                step = np.zeros_like(us)
+                step[:, k] = STEP
+                up, down = (_ht_residuals(theta, arrays, corr, points, us + s * step) for s in (1, -1))
+                columns.append((up - down) / (2 * STEP))
+            for k in range(ht.THETA):
+                step = np.zeros(ht.THETA)
+                step[k] = STEP
+                up, down = (_ht_residuals(theta + s * step, arrays, corr, points, us if complicated else
+                                          np.empty(0)) for s in (1, -1))  # fmt: skip
+                columns.append((up - down) / (2 * STEP))
+            return gradbench_error(out, np.stack(columns, axis=1))
+
+        yield "jacobian", path.stem, input, check
+
+
 def saddle_cases() -> Iterator[Case]:
     # GradBench's eval checks every variant against this answer from (1, 1)
     for function in ("rr", "ff", "fr", "rf"):
@@ -364,9 +492,23 @@ def main() -> None:
     parser.add_argument(
         "--evals",
         nargs="+",
-        default=["hello", "lse", "llsq", "det", "kmeans", "gmm", "ba", "ode", "lstm", "saddle", "particle"],
+        default=[
+            "hello",
+            "lse",
+            "llsq",
+            "det",
+            "kmeans",
+            "gmm",
+            "ba",
+            "ht",
+            "ode",
+            "lstm",
+            "saddle",
+            "particle",
+        ],
     )
     parser.add_argument("--ba-data", type=Path, default=None, help="GradBench's evals/ba/data")
+    parser.add_argument("--ht-data", type=Path, default=None, help="GradBench's evals/ht/data")
     parser.add_argument(
         "--lstm-text", type=Path, default=None, help="GradBench's evals/lstm/data/lstm_full.txt"
     )
@@ -375,11 +517,11 @@ def main() -> None:
     sources: dict[str, tuple[Any, Callable[[], Iterator[Case]]]] = {
         "hello": (hello, hello_cases), "lse": (lse, lse_cases), "llsq": (llsq, llsq_cases),
         "det": (det, det_cases), "kmeans": (kmeans, kmeans_cases), "gmm": (gmm, gmm_cases),
-        "ba": (ba, lambda: ba_cases(args.ba_data)),
+        "ba": (ba, lambda: ba_cases(args.ba_data)), "ht": (ht, lambda: ht_cases(args.ht_data)),
         "ode": (ode, ode_cases), "lstm": (lstm, lambda: lstm_cases(args.lstm_text)),
         "saddle": (saddle, saddle_cases), "particle": (particle, particle_cases),
     }  # fmt: skip
-    with Client(args.url, timeout=600) as client:
+    with Client(args.url, timeout=600, encoding="base64") as client:  # as tool.py
         for name in args.evals:
             module, cases = sources[name]
             for function, description, input, error_of in cases():

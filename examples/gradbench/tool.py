@@ -24,7 +24,7 @@ from typing import Any
 from examples.gradbench import Evaluate
 from service.client import Client, TapeserveError
 
-EVALS = ("hello", "lse", "llsq", "gmm", "kmeans", "det", "ba", "ode", "lstm", "particle", "saddle")
+EVALS = ("hello", "lse", "llsq", "gmm", "kmeans", "det", "ba", "ht", "ode", "lstm", "particle", "saddle")
 
 
 def load(name: str) -> Mapping[str, Evaluate] | None:
@@ -79,7 +79,9 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="the tapeserve server (default: TAPESERVE_URL)")
     parser.add_argument("--timeout", type=float, default=600.0, help="client timeout per request, seconds")
     args = parser.parse_args()
-    with Client(args.url, timeout=args.timeout) as client:
+    # base64 both ways: GradBench's arrays are large, and a value's size (ht's residuals, 3 per
+    # point) is unknown to the client's automatic choice, which looks at the inputs
+    with Client(args.url, timeout=args.timeout, encoding="base64") as client:
         try:
             serve(client, sys.stdin, sys.stdout)
         except (EOFError, BrokenPipeError):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from examples.gradbench import ba, det, gmm, hello, kmeans, llsq, lse, lstm, ode, particle, saddle
+from examples.gradbench import ba, det, gmm, hello, ht, kmeans, llsq, lse, lstm, ode, particle, saddle
 from service.client import Client
 from tests.conftest import LiveServer
 
@@ -422,3 +422,149 @@ def test_particle_solver_step_for_step(client: Client) -> None:
 
     expected = _descend(lambda w: _particle_miss(float(w[0])), gradient, np.array([0.0]), 15)
     assert_same_iterates(np.asarray(state.value)[0], expected[0], "w after 15 iterations")
+
+
+# -- ht: the hand model written out bone by bone ------------------------------------------------
+
+
+def _ht_rotation(axis: int, angle: float) -> np.ndarray:
+    """The rotation by ``angle`` about coordinate axis ``axis`` (0 x, 1 y, 2 z)."""
+    r = np.eye(3)
+    i, j = [(1, 2), (2, 0), (0, 1)][axis]
+    r[i, i] = r[j, j] = math.cos(angle)
+    r[i, j], r[j, i] = -math.sin(angle), math.sin(angle)
+    return r
+
+
+def _ht_residuals(theta: np.ndarray, model: dict[str, Any], corr: Any, points: Any, us: Any) -> np.ndarray:
+    """ADBench's hand objective from its definition: pose table, posed relatives, absolutes by the
+    parent chain, linear blend skinning, mirroring, global angle-axis rotation and translation."""
+    parents = model["parents"]
+    bones = len(parents)
+    pose = np.zeros((bones + 3, 3))  # rows: global rotation, scale, translation, then each bone
+    pose[0], pose[1], pose[2] = theta[0:3], 1.0, theta[3:6]
+    params = iter(theta[6:])
+    for finger in range(5):  # bones 2..4 of each finger (after the wrist and the finger's base)
+        for k in range(3):
+            pose[3 + 2 + 4 * finger + k, 0] = next(params)
+            if k == 0:
+                pose[3 + 2 + 4 * finger + k, 1] = next(params)
+    absolutes: list[np.ndarray] = []
+    for b in range(bones):
+        angles_x, angles_z, angles_y = pose[3 + b]
+        posed = np.eye(4)
+        posed[:3, :3] = _ht_rotation(2, angles_z) @ _ht_rotation(1, angles_y) @ _ht_rotation(0, angles_x)
+        relative = np.asarray(model["base_relatives"][b]) @ posed
+        absolutes.append(relative if parents[b] < 0 else absolutes[parents[b]] @ relative)
+    base, weights = np.asarray(model["base_positions"]), np.asarray(model["weights"])
+    positions = np.zeros((base.shape[0], 3))
+    for b in range(bones):
+        transform = absolutes[b] @ np.asarray(model["inverse_base_absolutes"][b])
+        positions += weights[:, b : b + 1] * (base @ transform.T)[:, :3]
+    if model["is_mirrored"]:
+        positions[:, 0] *= -1
+    angle = float(np.linalg.norm(theta[0:3]))
+    if angle >= 1e-4:
+        axis = theta[0:3] / angle
+        skew = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+        positions = positions @ (np.eye(3) + math.sin(angle) * skew + (1 - math.cos(angle)) * skew @ skew).T
+    positions = positions + theta[3:6]
+    corr = np.asarray(corr, dtype=int)
+    if len(us) == 0:
+        hand = positions[corr]
+    else:
+        u, tri = np.asarray(us), np.asarray(model["triangles"])[corr]
+        hand = (
+            sum(u[:, k : k + 1] * positions[tri[:, k]] for k in range(2))
+            + (1 - u[:, 0:1] - u[:, 1:2]) * positions[tri[:, 2]]
+        )
+    return (np.asarray(points) - hand).ravel()
+
+
+def _rigid(rng: np.random.Generator) -> list[list[float]]:
+    transform = np.eye(4)
+    transform[:3, :3] = _ht_rotation(0, rng.normal()) @ _ht_rotation(2, rng.normal())
+    transform[:3, 3] = rng.normal(size=3)
+    return transform.tolist()
+
+
+def _ht_input(rng: np.random.Generator, complicated: bool, mirrored: bool, n: int = 5) -> dict[str, Any]:
+    # the hand's tree: wrist, five fingers of four bones, forearm
+    parents = [-1] + [p for f in range(5) for p in (0, 1 + 4 * f, 2 + 4 * f, 3 + 4 * f)] + [0]
+    bones, vertices = len(parents), 9
+    weights = rng.uniform(size=(vertices, bones)) * (rng.uniform(size=(vertices, bones)) < 0.3)
+    weights[:, 0] += 0.1
+    weights /= weights.sum(axis=1, keepdims=True)
+    base = np.concatenate([rng.normal(size=(vertices, 3)), np.ones((vertices, 1))], axis=1)
+    triangles = rng.integers(0, vertices, size=(6, 3))
+    model = {
+        "bone_count": bones, "bone_names": [f"b{i}" for i in range(bones)], "parents": parents,
+        "base_relatives": [_rigid(rng) for _ in range(bones)],
+        "inverse_base_absolutes": [_rigid(rng) for _ in range(bones)],
+        "base_positions": base.tolist(), "weights": weights.tolist(),
+        "triangles": triangles.tolist(), "is_mirrored": mirrored,
+    }  # fmt: skip
+    targets = triangles.shape[0] if complicated else vertices
+    return {
+        "theta": (0.3 * rng.normal(size=26)).tolist(),
+        "data": {
+            "model": model,
+            "correspondences": rng.integers(0, targets, size=n).tolist(),
+            "points": rng.normal(size=(n, 3)).tolist(),
+        },
+        "us": rng.uniform(0, 0.5, size=(n, 2)).tolist() if complicated else [],
+    }
+
+
+def _ht_jacobian_fd(input: dict[str, Any]) -> np.ndarray:
+    """Columns d/du_i0, d/du_i1 (complicated), then d/dtheta, by central differences. A point's
+    residuals depend only on its own us, so moving every point's us[:, k] at once gives column k."""
+    theta, us = np.asarray(input["theta"]), np.asarray(input["us"])
+    model, corr, points = input["data"]["model"], input["data"]["correspondences"], input["data"]["points"]
+
+    def at(theta: np.ndarray, us: np.ndarray) -> np.ndarray:
+        return _ht_residuals(theta, model, corr, points, us)
+
+    columns = []
+    for k in range(2 if us.size else 0):
+        step = np.zeros_like(us)
+        step[:, k] = STEP
+        columns.append((at(theta, us + step) - at(theta, us - step)) / (2 * STEP))
+    for k in range(26):
+        step = np.zeros(26)
+        step[k] = STEP
+        columns.append((at(theta + step, us) - at(theta - step, us)) / (2 * STEP))
+    return np.stack(columns, axis=1)
+
+
+@pytest.mark.parametrize(
+    "complicated, mirrored, still",
+    [(True, False, False), (False, True, False), (True, False, True)],
+    ids=["complicated", "simple-mirrored", "no-global-rotation"],
+)
+def test_ht_against_the_definition(
+    client: Client, monkeypatch: pytest.MonkeyPatch, complicated: bool, mirrored: bool, still: bool
+) -> None:
+    input = _ht_input(np.random.default_rng(11), complicated, mirrored)
+    if still:  # a global rotation below 1e-4 is none at all (the eval's branch), derivative included
+        input["theta"][0:3] = [0.0, 0.0, 0.0]
+    monkeypatch.setattr(ht, "CHUNK", 3)  # two requests, the second partial: chunks must line up
+    theta = np.asarray(input["theta"])
+    data = input["data"]
+    expected = _ht_residuals(theta, data["model"], data["correspondences"], data["points"], input["us"])
+    objective = ht.FUNCTIONS["objective"](client, input)
+    assert_gradbench_close(objective, expected, "objective")
+    jacobian = np.asarray(ht.FUNCTIONS["jacobian"](client, input))
+    assert jacobian.shape == (15, 28 if complicated else 26)
+    assert_gradbench_close(jacobian, _ht_jacobian_fd(input), "jacobian")
+    # a wrong pose table or bone chain would still pass a loose check if theta barely moved the
+    # hand: every column of theta must matter here (but the rotation's, where it is none)
+    moved = np.abs(jacobian[:, -26:]).max(axis=0) > 1e-3
+    assert list(moved) == [not still] * 3 + [True] * 23
+
+
+def test_ht_pose_table_uses_each_parameter_once() -> None:
+    slots = ht.pose_slots(22).reshape(25, 3)
+    used = sorted(int(s) for s in slots.ravel() if s < 26)
+    assert used == list(range(26))
+    assert list(slots[1]) == [27, 27, 27]  # the scale row is ones
