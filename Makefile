@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory bench-hostile bench-api soak
+.PHONY: run test lint format-check typecheck pytest openapi docs bench bench-peers bench-memory bench-hostile bench-api bench-cold soak
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,10 @@ bench-hostile: $(VENV)/.installed-server
 SOAK_MINUTES ?= 2
 soak: $(VENV)/.installed-server
 	$(BIN)/python bench/soak.py --minutes $(SOAK_MINUTES) --connections 64
+
+# Cold programs (issue 21 point 4): rosen10 gradient+Hessian and each model layer family, first request of a program.
+bench-cold: $(VENV)/.installed-server
+	$(BIN)/python bench/cold.py
 
 # /healthz under the costliest bodies the limits allow, and the API's RSS over 10,000 distinct requests.
 bench-api: $(VENV)/.installed-server
