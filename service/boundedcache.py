@@ -15,6 +15,7 @@ __all__ = ["BoundedCache"]
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+
 class BoundedCache(Generic[K, V]):
     """``get``/``put`` with LRU eviction once ``max_entries`` or ``max_bytes`` (the callers' own
     measure of each entry, e.g. its text length) would be passed. An entry larger than ``max_bytes``

@@ -23,6 +23,7 @@ from service.jobs import (
     check_gradient_arrays,
     check_gradient_names,
     job_functions,
+    loop_counts,
 )
 from service.limits import Limits
 from service.tensorcodec import Encoding, decode_tensor, encode_tensor
@@ -62,7 +63,7 @@ def build_gradient_job(request: GradientRequest, limits: Limits) -> GradientJob:
     )
     functions = job_functions(request.functions)
     # Text first: parsing is cheap and catches most mistakes (and all hostile text) before tensors are read.
-    check_program(request.expression, variables_names, list(request.constants), functions, limits)
+    counts = check_program(request.expression, variables_names, list(request.constants), functions, limits)
 
     dtype = request.dtype
     cap = limits.max_input_elements
@@ -76,6 +77,7 @@ def build_gradient_job(request: GradientRequest, limits: Limits) -> GradientJob:
     cotangent = None if request.cotangent is None else decode(request.cotangent, "cotangent")
 
     batch = check_gradient_arrays(variables, tangents, batch=request.batch, limits=limits)
+    loop_counts(constants, counts)
     _check_output_sizes(request, derivatives, wrt, variables, batch, limits)
     return GradientJob(
         expression=request.expression,
@@ -89,6 +91,7 @@ def build_gradient_job(request: GradientRequest, limits: Limits) -> GradientJob:
         order=request.order,
         batch=request.batch,
         dtype=dtype,
+        counts=counts,
     )
 
 

@@ -214,7 +214,9 @@ def build_expression_step_job(request: ExpressionStepRequest, limits: Limits) ->
     check_steps(request.steps, limits)
     check_input_count(len(request.variables) + len(request.constants), limits)
     functions = job_functions(request.functions)
-    check_program(request.expression, list(request.variables), list(request.constants), functions, limits)
+    counts = check_program(
+        request.expression, list(request.variables), list(request.constants), functions, limits
+    )
     dtype = request.dtype
     cap = limits.max_input_elements
     variables = {
@@ -236,6 +238,7 @@ def build_expression_step_job(request: ExpressionStepRequest, limits: Limits) ->
         clip=_clip(request),
         steps=request.steps,
         dtype=dtype,
+        counts=counts,
     )
     check_expression_step_job(job, optimizer_state_layout(optimizer, variables_layout(variables)), limits)
     return job

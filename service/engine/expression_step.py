@@ -28,7 +28,7 @@ from service.engine.programs import dense, trace
 from service.errors import ShapeError
 from service.expr.compiler import Compiler
 from service.expr.program import build_program
-from service.jobs import ExpressionStepJob, ExpressionStepResult, check_expression_step_job
+from service.jobs import ExpressionStepJob, ExpressionStepResult, check_expression_step_job, loop_counts
 from service.jobs.hyperparameters import clip_kind
 from service.limits import Limits
 from service.models import keras_build as kb
@@ -70,6 +70,7 @@ def run_expression_step(job: ExpressionStepJob, limits: Limits) -> ExpressionSte
 
 def _compile(job: ExpressionStepJob, state_layout: tuple[StateInfo, ...], limits: Limits) -> KerasProgram:
     program = build_program(job.expression, list(job.variables), list(job.constants), job.functions, limits)
+    counts = loop_counts(job.constants, job.counts)
     tf_dtype = TF_DTYPES[job.dtype]
     names = list(job.variables)
     const_names = list(job.constants)
@@ -88,7 +89,7 @@ def _compile(job: ExpressionStepJob, state_layout: tuple[StateInfo, ...], limits
         with tf.GradientTape() as tape:
             env = {name: v.value for name, v in zip(names, variables, strict=True)}
             env |= dict(zip(const_names, constants, strict=True))
-            value = Compiler(program, tf_dtype, limits).evaluate(env)
+            value = Compiler(program, tf_dtype, limits, counts=counts).evaluate(env)
             if value.shape.rank != 0:
                 raise ShapeError(
                     f"a step minimizes a scalar; the expression has shape {list(value.shape)} "

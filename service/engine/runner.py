@@ -28,7 +28,7 @@ from service.errors import (
 )
 from service.expr.compiler import Compiler
 from service.expr.program import Program, build_program
-from service.jobs import GradientJob, GradientResult, StackedGradientJob, check_gradient_job
+from service.jobs import GradientJob, GradientResult, StackedGradientJob, check_gradient_job, loop_counts
 from service.limits import Limits
 
 __all__ = ["TapeProgram", "after_reply", "cache_info", "run"]
@@ -498,7 +498,9 @@ def _tape_program(
     batch: int,
 ) -> dict[str, Any]:
     """Trace value and derivatives for one point (or the whole input when not batched)."""
-    compiler = Compiler(program, dtype, limits, batch_size=batch)
+    compiler = Compiler(
+        program, dtype, limits, batch_size=batch, counts=loop_counts(job.constants, job.counts)
+    )
     env = dict(zip(var_names, variables, strict=True)) | dict(zip(const_names, constants, strict=True))
     xs = [env[name] for name in wrt]
     order = job.order or 0

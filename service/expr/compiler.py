@@ -68,8 +68,18 @@ def _first_line(exc: BaseException) -> str:
 class Compiler:
     """Builds the ops of one program for given input tensors (called inside a tf.function trace)."""
 
-    def __init__(self, program: Program, dtype: Any, limits: Limits, batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        program: Program,
+        dtype: Any,
+        limits: Limits,
+        batch_size: int = 1,
+        counts: Mapping[str, int] | None = None,
+    ) -> None:
         self.program = program
+        # The values of the request constants used as loop step counts (``program.counts``): a
+        # count is static, so it is known while tracing, and it is part of the job's signature.
+        self.counts = dict(counts or {})
         self.tf = tf
         self.dtype = dtype
         self.limits = limits
@@ -352,7 +362,17 @@ class Compiler:
             return self._checked(node, lambda: self._gradient(node, target.id, fn, own[0], own[1], extra))
         if form.name == "scan":
             return self._checked(node, lambda: self._scan(node, target.id, fn, own[0], own[1], extra))
-        steps = self._static_int(node.args[0], "the step count of fori()")
+        count = node.args[0]
+        if isinstance(count, n.Name) and count.id in self.program.counts:
+            if count.id not in self.counts:  # the job's own checks make this unreachable from the API
+                raise InvalidArgument(
+                    f"the step count of fori() names the constant {count.id!r}, whose value this job "
+                    "does not carry among its loop counts",
+                    **self._where(count.span),
+                )
+            steps = self.counts[count.id]
+        else:
+            steps = self._static_int(count, "the step count of fori()")
         return self._checked(node, lambda: self._fori(node, target.id, fn, steps, own[0], extra))
 
     def _gradient(

@@ -154,6 +154,9 @@ class Program:
     # the engine's own derivatives nest on top of it.
     derivative_order: int = 0
     forms: frozenset[str] = frozenset()  # the loops and derivatives (FORMS) the program uses
+    # Request constants used as a loop's step count (``fori(n, ...)`` in the expression): their
+    # values shape the compiled program, so a job puts them in its signature (service.jobs).
+    counts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +191,8 @@ class _Checker:
         self.orders: dict[str, int] = {}
         self.order = 0
         self.forms: set[str] = set()
+        self.constants: frozenset[str] = frozenset()  # the request's constants, by name
+        self.counts: set[str] = set()  # those used as step counts
 
     def where(self, source: str, span: n.Span) -> dict[str, Any]:
         end = span.end_column if span.end_line == span.line else None
@@ -324,7 +329,23 @@ class _Checker:
                 f"signature: {form.signature}",
                 **self.where(source, call.span),
             )
-        if form.counted:
+        count_name = call.args[0] if form.counted and isinstance(call.args[0], n.Name) else None
+        if count_name is not None and count_name.id not in CONSTANTS:
+            # A request constant as the count: the top-level expression sees the constants, a
+            # function body only its parameters (tensors, not counts).
+            if source != "expression" or count_name.id not in self.constants:
+                why = (
+                    f"{count_name.id!r} is not one of the request's constants"
+                    if source == "expression"
+                    else "a function's parameters are tensors, not counts: write the count as a literal"
+                )
+                raise InvalidArgument(
+                    f"the step count of {form.name}() must be an integer literal or, in the request's "
+                    f"expression, the name of a request constant holding one integer; {why}",
+                    **self.where(source, count_name.span),
+                )
+            self.counts.add(count_name.id)
+        elif form.counted:
             what = f"the step count of {form.name}()"
             steps = _static(call.args[0], INT, what, self.sources.get(source), source)
             if steps < 0:
@@ -597,6 +618,7 @@ def build_program(
         )
     sources: dict[str, str] = {"expression": expression}
     checker = _Checker(sources, limits)
+    checker.constants = frozenset(constants)
     order = list(functions)
     defs: dict[str, FunctionDef] = {}
     sizes: dict[str, int] = {}
@@ -684,6 +706,7 @@ def build_program(
         sources,
         checker.order,
         frozenset(checker.forms),
+        tuple(sorted(checker.counts)),
     )
 
 
@@ -710,7 +733,8 @@ def _too_deep(order: int, limits: Limits, where: str) -> LimitExceeded:
 
 # Repeated requests repeat their text; checking it again would cost ~1 ms of parsing each time.
 # Bounded by count and by the texts' total length: a request's texts may reach megabytes.
-_CHECKED_PROGRAMS = BoundedCache[tuple[Any, ...], bool](max_entries=1024, max_bytes=16 * 2**20)
+# The value kept is the program's ``counts`` (constants used as step counts).
+_CHECKED_PROGRAMS = BoundedCache[tuple[Any, ...], tuple[str, ...]](max_entries=1024, max_bytes=16 * 2**20)
 
 
 def _check_key(
@@ -744,7 +768,7 @@ def unchecked_chars(
     The API uses it to decide, before checking, whether the check runs on the event loop.
     """
     try:
-        if _CHECKED_PROGRAMS.get(_check_key(expression, variables, constants, functions, limits)):
+        if _CHECKED_PROGRAMS.get(_check_key(expression, variables, constants, functions, limits)) is not None:
             return 0
     except (TypeError, ValueError):  # a malformed spec: counted as text like any other
         pass
@@ -757,15 +781,20 @@ def check_program(
     constants: Sequence[str] = (),
     functions: Mapping[str, Mapping[str, Any]] | None = None,
     limits: Limits | None = None,
-) -> None:
-    """``build_program`` for its errors alone, remembering programs that passed (errors are not cached)."""
+) -> tuple[str, ...]:
+    """``build_program`` for its errors, remembering programs that passed (errors are not cached).
+
+    Returns the program's ``counts``: the constants used as loop step counts, whose values a job
+    must put in its signature.
+    """
     key = _check_key(expression, variables, constants, functions, limits)
     try:
-        if _CHECKED_PROGRAMS.get(key):
-            return
+        counts = _CHECKED_PROGRAMS.get(key)
+        if counts is not None:
+            return counts
     except TypeError:  # something unhashable in a malformed spec: check it uncached for its error
-        build_program(expression, variables, constants, functions, limits)
-        return
-    build_program(expression, variables, constants, functions, limits)
+        return build_program(expression, variables, constants, functions, limits).counts
+    counts = build_program(expression, variables, constants, functions, limits).counts
     # Only programs that passed are kept (an error is raised again each time, cheaply).
-    _CHECKED_PROGRAMS.put(key, True, size=len(repr(key[:4])))
+    _CHECKED_PROGRAMS.put(key, counts, size=len(repr(key[:4])))
+    return counts

@@ -10,9 +10,11 @@ the API all sit above it.
 - ``model``: model gradient, train-step and expression-step jobs and results and their checks;
 - ``hyperparameters``: which numbers of a job shape its compiled program (its signature) and which
   are fed to it on every call;
-- ``functions``: user functions in the form jobs carry them.
+- ``functions``: user functions in the form jobs carry them;
+- ``counts``: request constants used as loop step counts (their values are in a job's signature).
 """
 
+from service.jobs.counts import loop_counts
 from service.jobs.functions import job_functions
 from service.jobs.gradient import (
     DERIVATIVES,
@@ -68,4 +70,5 @@ __all__ = [
     "check_tensors",
     "check_train_step_job",
     "job_functions",
+    "loop_counts",
 ]

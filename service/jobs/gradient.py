@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidRequest, LimitExceeded, ShapeError
+from service.jobs.counts import counts_signature, loop_counts
 from service.jobs.packing import packed
 from service.limits import Limits
 
@@ -48,9 +49,12 @@ class GradientJob:
     order: int | None = None  # k-th derivative of a scalar expression w.r.t. one variable
     batch: bool = False
     dtype: str = "float32"
+    # constants used as loop step counts (fori(n, ...)): their values are part of the program
+    counts: tuple[str, ...] = ()
 
     def signature(self) -> str:
-        """What the compiled program depends on: text, shapes, dtypes and the derivative set."""
+        """What the compiled program depends on: text, shapes, dtypes, the derivative set and the
+        values of the constants used as loop counts."""
 
         def shapes(arrays: dict[str, np.ndarray]) -> str:
             return ",".join(f"{k}{list(v.shape)}" for k, v in arrays.items())
@@ -68,6 +72,7 @@ class GradientJob:
                 str(self.order),
                 str(self.batch),
                 self.dtype,
+                counts_signature(self.constants, self.counts),
             ]
         )
 
@@ -221,6 +226,7 @@ def check_gradient_job(job: GradientJob, limits: Limits) -> tuple[str, ...]:
         refuse_unused=False,
     )
     check_gradient_arrays(job.variables, job.tangents, batch=job.batch, limits=limits)
+    loop_counts(job.constants, job.counts)
     return wrt
 
 

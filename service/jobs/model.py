@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.errors import InvalidRequest, LimitExceeded, NotDifferentiable, ShapeError
+from service.jobs.counts import counts_signature, loop_counts
 from service.jobs.hyperparameters import (
     clip_kind,
     clip_values,
@@ -199,6 +200,8 @@ class ExpressionStepJob:
     clip: dict[str, float] | None = None
     steps: int = 1
     dtype: str = "float32"
+    # constants used as loop step counts (fori(n, ...)): their values are part of the program
+    counts: tuple[str, ...] = ()
 
     def signature(self) -> str:
         return "|".join(
@@ -211,6 +214,7 @@ class ExpressionStepJob:
                 _plain(optimizer_structure(self.optimizer)),
                 str(clip_kind(self.clip)),
                 self.dtype,
+                counts_signature(self.constants, self.counts),
             ]
         )
 
@@ -443,3 +447,4 @@ def check_expression_step_job(
     check_steps(job.steps, limits)
     check_input_count(len(job.variables) + len(job.constants), limits)
     check_optimizer_state(job.optimizer_state, state_layout)
+    loop_counts(job.constants, job.counts)

@@ -17,7 +17,7 @@ import pytest
 
 from service.engine import execute
 from service.engine.runner import _compile
-from service.errors import LimitExceeded, ShapeError
+from service.errors import InvalidRequest, LimitExceeded, ShapeError
 from service.jobs import GradientJob, GradientResult
 from service.limits import Limits
 from tests.engine.finite_differences import Arrays, finite_difference
@@ -465,3 +465,53 @@ def test_descent_on_a_best_reply_found_by_ascent_nests_derivatives_twice() -> No
     for name in variables:
         expected = finite_difference(saddle_objective, variables, name, FIRST_ORDER_STEP, 3)
         assert_close(result.gradient[name], expected, FINITE_DIFFERENCE.scaled(expected), f"gradient {name}")
+
+
+def test_a_constant_step_count_is_the_literal_and_enters_the_bounds() -> None:
+    # fori(n, ...) with a request constant n: the same program as the literal, n in its signature,
+    # and n's steps counted against the element limit like a literal's.
+    y0, a = np.array([1.0, -0.5]), np.array([-0.8, 0.3])
+
+    def job(expression: str, constants: Arrays, counts: tuple[str, ...]) -> GradientJob:
+        return GradientJob(
+            expression=expression,
+            variables={"y0": y0, "a": a},
+            constants=constants,
+            functions=RK4,
+            derivatives=("gradient", "hessian"),
+            dtype="float64",
+            counts=counts,
+        )
+
+    named = job("sum(fori(n, rk4, y0, a, 0.05))", {"n": np.array(25.0)}, ("n",))
+    literal = job("sum(fori(25, rk4, y0, a, 0.05))", {}, ())
+    by_name, by_literal = execute(named), execute(literal)
+    assert isinstance(by_name, GradientResult) and isinstance(by_literal, GradientResult)
+    y, dy_dy0, dy_da, d2y_da2, _ = rk4_closed_form(y0, a, 0.05, 25)
+    assert_close(by_name.value, np.sum(y), CLOSED_FORM, "value")
+    assert by_name.gradient is not None and by_literal.gradient is not None
+    assert_close(by_name.gradient["a"], dy_da, DERIVED_CHAIN, "d/da")
+    assert by_name.hessian is not None
+    assert_close(by_name.hessian["a"]["a"], np.diag(d2y_da2), DERIVED_CHAIN.scaled(d2y_da2), "d2/da2")
+    np.testing.assert_array_equal(by_name.gradient["y0"], by_literal.gradient["y0"])
+    other = job("sum(fori(n, rk4, y0, a, 0.05))", {"n": np.array(3.0)}, ("n",))
+    assert other.signature() != named.signature()
+    y3 = rk4_closed_form(y0, a, 0.05, 3)[0]
+    assert_close(execute(other).value, np.sum(y3), CLOSED_FORM, "value after 3 steps")
+
+    limits = Limits(max_tensor_elements=10_000)
+    doubling = GradientJob(
+        expression="sum(fori(n, double, x))",
+        variables={"x": np.ones(100)},
+        constants={"n": np.array(101.0)},
+        functions={"double": {"params": ["i", "c"], "body": "c * 2"}},
+        dtype="float64",
+        counts=("n",),
+    )
+    with pytest.raises(LimitExceeded) as caught:
+        execute(doubling, limits)
+    assert caught.value.to_dict()["construct"] == "fori(101, double, ...)"
+    # the engine's own check refuses what the API would: a count that is not one integer
+    doubling.constants["n"] = np.array(2.5)
+    with pytest.raises(InvalidRequest, match="constants.n is the step count"):
+        execute(doubling, limits)

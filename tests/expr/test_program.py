@@ -250,3 +250,15 @@ def test_a_loop_or_derivative_cannot_recurse_or_call_ahead() -> None:
 def test_the_construct_names_are_reserved(name: str) -> None:
     body = problem(InvalidRequest, "1", variables=[name])
     assert "hide the built-in function" in body["detail"]
+
+
+def test_constants_used_as_step_counts_are_reported() -> None:
+    from service.expr.program import check_program
+
+    functions = {"step": {"params": ["i", "c"], "body": "c * 2"}}
+    program = build_program("sum(fori(n, step, x)) + sum(fori(3, step, x)) + k", ["x"], ["n", "k"], functions)
+    assert program.counts == ("n",)  # k is a constant but no count
+    # the cached check answers the same, the first time and from its cache
+    for _ in range(2):
+        assert check_program("sum(fori(n, step, x))", ["x"], ["n"], functions) == ("n",)
+    assert check_program("sum(fori(2, step, x))", ["x"], ["n"], functions) == ()
