@@ -10,7 +10,9 @@ accurate to ~1e-8, far inside it.
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from examples.gradbench import ba, det, gmm, hello, ht, kmeans, llsq, lse, lstm, ode, particle, saddle
+from examples.gradbench import ba, det, gmm, hello, ht, kmeans, llsq, lse, lstm, ode, particle, saddle, tool
 from service.client import Client
 from tests.conftest import LiveServer
 
@@ -568,3 +570,32 @@ def test_ht_pose_table_uses_each_parameter_once() -> None:
     used = sorted(int(s) for s in slots.ravel() if s < 26)
     assert used == list(range(26))
     assert list(slots[1]) == [27, 27, 27]  # the scale row is ones
+
+
+def test_the_tool_answers_gradbench_messages(client: Client) -> None:
+    # GradBench's protocol: one JSON message per line, one answer per line with the same id
+    input = _ht_input(np.random.default_rng(2), complicated=False, mirrored=False, n=2)
+    messages = [
+        {"id": 0, "kind": "start", "eval": "ht"},
+        {"id": 1, "kind": "define", "module": "ht"},
+        {
+            "id": 2,
+            "kind": "evaluate",
+            "module": "ht",
+            "function": "objective",
+            "input": input | {"min_runs": 2},
+        },
+        {"id": 3, "kind": "define", "module": "nothing"},
+        {"id": 4, "kind": "evaluate", "module": "ht", "function": "hessian", "input": input},
+    ]
+    out = io.StringIO()
+    tool.serve(client, [json.dumps(m) + "\n" for m in messages], out)
+    answers = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [a["id"] for a in answers] == [0, 1, 2, 3, 4]
+    assert answers[1]["success"] is True and answers[3]["success"] is False
+    theta, data = np.asarray(input["theta"]), input["data"]
+    expected = _ht_residuals(theta, data["model"], data["correspondences"], data["points"], [])
+    assert answers[2]["success"] is True
+    assert_gradbench_close(answers[2]["output"], expected, "objective through the tool")
+    assert [t["name"] for t in answers[2]["timings"]] == ["evaluate", "evaluate"]
+    assert answers[4]["success"] is False and "hessian" in answers[4]["error"]
