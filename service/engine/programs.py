@@ -7,15 +7,17 @@ the job's ``signature()``. Imported only in worker processes (TensorFlow).
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 import tensorflow as tf
+from tensorflow.python.eager import context
 
 from service.errors import NotDifferentiable, ShapeError, TapeserveError
 
-__all__ = ["FlatCall", "ProgramCache", "dense", "error_message", "trace"]
+__all__ = ["FlatCall", "ProgramCache", "dense", "error_message", "trace", "without_grappler"]
 
 P = TypeVar("P")
 
@@ -118,3 +120,42 @@ def trace(fn: Callable[..., Any], specs: list[tf.TensorSpec]) -> Callable[..., A
         message = error_message(str(exc), type(exc).__name__)
         raise ShapeError(f"the model could not be built for these inputs: {message}") from None
     return FlatCall(concrete, specs)
+
+
+@functools.cache
+def _grappler_off() -> Any:
+    """The worker's function call options with Grappler's meta optimizer off (made at first use, so
+    it copies the configuration the worker set up at start)."""
+    config = context.context().config
+    config.graph_options.rewrite_options.disable_meta_optimizer = True
+    return context.FunctionCallOptions(config_proto=config)
+
+
+def without_grappler(call: Callable[..., Sequence[Any]]) -> Callable[..., Sequence[Any]]:
+    """``call`` (a traced program's flat call) run without Grappler's graph optimizations.
+
+    A function is optimized when it is first called, as part of instantiating it: for a small
+    program (rosen10 gradient+Hessian, ~210 nodes) Grappler is ~7 of the ~21 ms of CPU the first
+    call takes, and it gains nothing measurable on later calls of such a program. Whether Grappler
+    runs comes from the calling thread's function call options (TensorFlow's private eager
+    context, stable across the minor version pyproject.toml pins). Instantiations are cached per
+    options: a program is instantiated once without Grappler, and once more with it if a call fails.
+
+    A call that fails runs again optimized: when several ops of a graph would fail, which one
+    reports first follows the graph's node order, which Grappler changes, and the client gets the
+    message it always got (e.g. segment_sum's own "out of range" rather than its gradient's gather).
+    """
+
+    def call_without_grappler(*args: Any) -> Sequence[Any]:
+        ctx = context.context()
+        saved = ctx.function_call_options
+        ctx.function_call_options = _grappler_off()
+        try:
+            return call(*args)
+        except tf.errors.InvalidArgumentError:
+            pass  # answered below, outside this handler: the optimized call's error is the one to raise
+        finally:
+            ctx.function_call_options = saved
+        return call(*args)
+
+    return call_without_grappler

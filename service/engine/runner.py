@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from service.engine.plan import Plan, build_plan
-from service.engine.programs import ProgramCache, dense, error_message
+from service.engine.programs import ProgramCache, dense, error_message, without_grappler
 from service.errors import (
     EvaluationError,
     InvalidRequest,
@@ -42,6 +42,8 @@ _DTYPES = {"float32": tf.float32, "float64": tf.float64}
 # Automatic control dependencies (which order stateful ops) then have nothing to do, yet walking the
 # graph for them costs ~15% of a cold trace; tf.function's documented attribute turns them off.
 _ATTRIBUTES = {"_disable_acd": True}
+# Forms that trace graph loops: numpy plans cannot run them, so their programs keep Grappler.
+_LOOPS = frozenset({"scan", "fori"})
 # Numpy plans (service/engine/plan.py) for small programs called more than once; TAPESERVE_NUMPY_PLANS=0
 # keeps every call on TensorFlow's runtime. Above this many input elements TF's own call overhead
 # no longer matters, and its kernels are the ones to trust for speed.
@@ -338,6 +340,10 @@ def _compile(job: GradientJob, limits: Limits, stacked: bool = False) -> TapePro
     atomic = getattr(call, "__self__", None)  # the atomic function, when the flat call is its own
     small = not stacked and sum(_numel(spec.shape) for spec in specs) <= PLAN_MAX_ELEMENTS
     graph = atomic.graph if atomic is not None and small else None
+    if graph is not None and not program.forms & _LOOPS:
+        # Small straight-line programs: their later calls run as numpy plans, so what Grappler
+        # would save them is not worth its share of the first call (service/engine/programs.py).
+        call = without_grappler(call)
     return TapeProgram(call, tuple(inputs), outputs, compile_ms, stacked, graph)
 
 
