@@ -3,7 +3,9 @@
 Starts the servers on loopback, drives them with one keep-alive httpx client (sequential latency)
 and wrk (throughput), measures the same work in-process with a cached tf.function, prints one table
 and writes bench/results/latest.json. Targets are ratios measured in this one run (these machines
-are noisy); nothing here is a pass/fail test.
+are noisy); nothing here is a pass/fail test. ``--hogs N`` runs everything beside N busy loops, each in
+its own session (someone else's work on the machine); ``--only hop`` is the short list issue 21 reads
+(sequential gradient and wrk 16 for tapeserve and httpstan, and the interleaved rows).
 """
 
 from __future__ import annotations
@@ -84,24 +86,66 @@ def server(argv: list[str], port: int, ready_path: str, env: dict[str, str] | No
             proc.kill()
 
 
-def timed(fn: Callable[[], Any], n: int, warmup: int = 20) -> list[float]:
+class Samples(list[float]):
+    """Latencies (ms), and how long this client thread itself waited to be scheduled per call (ms):
+    with CPU hogs that wait is in every latency measured here, whichever server answers."""
+
+    client_wait_ms: float | None = None
+
+
+def run_delay_ns() -> int | None:
+    """This thread's time spent runnable but not running, from /proc (None where there is none)."""
+    try:
+        with open("/proc/thread-self/schedstat", encoding="ascii") as schedstat:
+            return int(schedstat.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def timed(fn: Callable[[], Any], n: int, warmup: int = 20) -> Samples:
     for _ in range(warmup):
         fn()
-    out = []
+    out = Samples()
+    waited = run_delay_ns()
     for _ in range(n):
         start = time.perf_counter()
         fn()
         out.append((time.perf_counter() - start) * 1000.0)
+    after = run_delay_ns()
+    if waited is not None and after is not None and n:
+        out.client_wait_ms = (after - waited) / 1e6 / n
     return out
 
 
 def summary(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
-    return {
+    out = {
         "p50_ms": statistics.median(ordered),
+        "p90_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.9))],
         "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
         "n": len(ordered),
     }
+    wait = getattr(samples, "client_wait_ms", None)
+    if wait is not None:
+        out["client_wait_ms_per_call"] = wait
+    return out
+
+
+@contextlib.contextmanager
+def cpu_hogs(count: int) -> Iterator[None]:
+    """``count`` busy loops for the block, each in its own session: someone else's work, which Linux's
+    autogroups (on where sessions get one) weigh as other users' processes, not as ours."""
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+        for hog in hogs:
+            hog.wait()
 
 
 def wrk(url: str, body: dict[str, Any], connections: int, seconds: int) -> dict[str, float]:
@@ -137,6 +181,17 @@ def wrk(url: str, body: dict[str, Any], connections: int, seconds: int) -> dict[
         "p99_ms": pct("99"),
         "non_2xx": int(errors.group(1)) if errors else 0,
     }
+
+
+# wrk's first seconds on a fresh server: tapeserve traces each hot program's stacked (batched) form
+# once per worker when requests first overlap, ~0.2-0.5 s in which the others queue. Measured apart.
+WRK_FIRST_S = 2
+
+
+def wrk16(rows: dict[str, Any], name: str, url: str, body: dict[str, Any], seconds: int) -> None:
+    """``name``: 16 connections after a first short run, which is recorded as its own row."""
+    rows[f"{name}, first {WRK_FIRST_S} s"] = wrk(url, body, 16, WRK_FIRST_S)
+    rows[name] = wrk(url, body, 16, seconds)
 
 
 def in_process(n: int) -> dict[str, dict[str, float]]:
@@ -202,7 +257,16 @@ def bench_tapeserve(args: argparse.Namespace, rows: dict[str, Any]) -> None:
         def post(payload: dict[str, Any]) -> httpx.Response:
             return client.post("/v1/gradient", json=payload).raise_for_status()
 
-        rows["tapeserve rosen10 gradient, warm, sequential"] = summary(timed(lambda: post(grad), args.n))
+        hops: list[float] = []  # the server's own dispatch -> result time of each warm gradient
+
+        def post_grad() -> None:
+            hops.append(post(grad).json()["meta"]["total_ms"])
+
+        rows["tapeserve rosen10 gradient, warm, sequential"] = summary(timed(post_grad, args.n))
+        rows["  of which API -> worker -> API (meta.total_ms)"] = summary(hops[-args.n :])
+        if args.only == "hop":
+            wrk16(rows, "tapeserve rosen10 gradient, wrk 16 conns", url + "/v1/gradient", grad, args.seconds)
+            return
         rows["tapeserve rosen10 gradient+hessian, warm, sequential"] = summary(
             timed(lambda: post(hess), args.n)
         )
@@ -210,7 +274,7 @@ def bench_tapeserve(args: argparse.Namespace, rows: dict[str, Any]) -> None:
         rows["tapeserve rosen10 gradient+hessian, cold, sequential"] = summary(
             timed(lambda: post({**hess, "expression": f"{ROSEN} + {next(counter)}"}), args.cold, warmup=1)
         )
-        rows["tapeserve rosen10 gradient, wrk 16 conns"] = wrk(url + "/v1/gradient", grad, 16, args.seconds)
+        wrk16(rows, "tapeserve rosen10 gradient, wrk 16 conns", url + "/v1/gradient", grad, args.seconds)
         rows["tapeserve rosen10 gradient, wrk 32 conns, batching on"] = wrk(
             url + "/v1/gradient", grad, 32, args.seconds
         )
@@ -360,7 +424,7 @@ def bench_httpstan(args: argparse.Namespace, rows: dict[str, Any]) -> None:
             rows["httpstan rosen10 gradient, sequential"] = summary(
                 timed(lambda: client.post(path, json=body).raise_for_status(), args.n)
             )
-            rows["httpstan rosen10 gradient, wrk 16 conns"] = wrk(url + path, body, 16, args.seconds)
+            wrk16(rows, "httpstan rosen10 gradient, wrk 16 conns", url + path, body, args.seconds)
 
 
 def umbridge_peer() -> tuple[list[str], int]:
@@ -380,8 +444,8 @@ def bench_umbridge(args: argparse.Namespace, rows: dict[str, Any]) -> None:
         rows["UM-Bridge rosen10 gradient, sequential"] = summary(
             timed(lambda: client.post("/Gradient", json=UMBRIDGE_BODY).raise_for_status(), args.n)
         )
-        rows["UM-Bridge rosen10 gradient, wrk 16 conns"] = wrk(
-            url + "/Gradient", UMBRIDGE_BODY, 16, args.seconds
+        wrk16(
+            rows, "UM-Bridge rosen10 gradient, wrk 16 conns", url + "/Gradient", UMBRIDGE_BODY, args.seconds
         )
 
 
@@ -580,6 +644,11 @@ def ratio(rows: dict[str, Any], a: str, b: str, key: str) -> float | None:
     return None
 
 
+def _spread(rows: dict[str, Any], name: str) -> float | None:
+    """p99 / p50 of one workload: how far its tail reaches past its middle."""
+    return ratio(rows, name, name, "p99_ms") and float(rows[name]["p99_ms"]) / float(rows[name]["p50_ms"])
+
+
 def difference(rows: dict[str, Any], a: str, b: str) -> float | None:
     if a in rows and b in rows:
         return float(rows[a]["p50_ms"]) - float(rows[b]["p50_ms"])
@@ -595,10 +664,15 @@ def main() -> None:
     parser.add_argument("--memory", type=int, default=0, help="distinct expressions for the memory workload")
     parser.add_argument("--memory-only", action="store_true", help="run only the memory workload")
     parser.add_argument(
-        "--only", choices=["training", "whole-runs"], help="run only this workload (results/NAME.json)"
+        "--only", choices=["training", "whole-runs", "hop"], help="run only this workload (results/NAME.json)"
     )
+    parser.add_argument("--hogs", type=int, default=0, help="busy loops running beside the whole bench")
     args = parser.parse_args()
+    with cpu_hogs(args.hogs):
+        run(args)
 
+
+def run(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -606,6 +680,8 @@ def main() -> None:
             "python": platform.python_version(),
         },
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "hogs": args.hogs,
+        "load_average_before": os.getloadavg(),
         "workloads": {},
     }
     rows: dict[str, Any] = results["workloads"]
@@ -617,14 +693,16 @@ def main() -> None:
         return
     if not args.only:
         bench_echo(args, rows)
+    if args.only in (None, "hop"):
         bench_tapeserve(args, rows)
-    if args.only != "whole-runs":
+    if args.only in (None, "training"):
         bench_training(args, rows)
-    if args.only != "training":
+    if args.only in (None, "whole-runs"):
         bench_whole_runs(args, rows)
-    if args.peers and not args.only:
+    if args.peers and args.only in (None, "hop"):
         bench_httpstan(args, rows)
-        bench_umbridge(args, rows)
+        if not args.only:
+            bench_umbridge(args, rows)
         bench_interleaved(args, rows)
     if args.memory and not args.only:
         bench_memory(args.memory, rows)
@@ -695,16 +773,36 @@ def main() -> None:
             rows, umb_wrk, "httpstan rosen10 gradient, wrk 16 conns", "rps"
         ),
     })  # fmt: skip
+    ts_seq, ts_mixed = seq, "interleaved: tapeserve rosen10 gradient"
+    ts_wrk, hs_wrk = "tapeserve rosen10 gradient, wrk 16 conns", "httpstan rosen10 gradient, wrk 16 conns"
+    results["ratios"].update({
+        "21. warm gradient p50 / httpstan p50, interleaved (target <= 1.2 with hogs)": ratio(
+            rows, ts_mixed, mixed, "p50_ms"
+        ),
+        "21. 16-conn throughput / httpstan (target >= 1.0)": ratio(rows, ts_wrk, hs_wrk, "rps"),
+        "21. sequential p99 / p50, tapeserve (target <= 2)": _spread(rows, ts_seq),
+        "21. sequential p99 / p50, tapeserve interleaved": _spread(rows, ts_mixed),
+        "21. sequential p99 / p50, httpstan interleaved (for comparison)": _spread(rows, mixed),
+        "21. wrk 16 p99 / httpstan's (target <= 3)": ratio(rows, ts_wrk, hs_wrk, "p99_ms"),
+        f"21. wrk 16 p99 / httpstan's, first {WRK_FIRST_S} s on a fresh server": ratio(
+            rows, f"{ts_wrk}, first {WRK_FIRST_S} s", f"{hs_wrk}, first {WRK_FIRST_S} s", "p99_ms"
+        ),
+    })  # fmt: skip
     if CHECKS:
         rows["checks: max error relative to max(1, |reference|)"] = dict(CHECKS)
         results["mismatches"] = [name for name, error in CHECKS.items() if not error <= WHOLE_RUN_TOLERANCE]
 
     print(f"machine: {results['machine']}, {results['when']}")
-    print(f"{'workload':<62} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9}")
+    # "client wait": how long the measuring client itself waited to be scheduled per call (ms).
+    print(f"{'workload':<62} {'p50 ms':>9} {'p99 ms':>9} {'req/s':>9} {'p90 ms':>9} {'client wait':>11}")
     for name, row in rows.items():
         if "p50_ms" in row or "rps" in row:
             p50, p99, rps = row.get("p50_ms", float("nan")), row.get("p99_ms", float("nan")), row.get("rps")
-            print(f"{name:<62} {p50:>9.3f} {p99:>9.3f} {'' if rps is None else f'{rps:>9.0f}'}")
+            p90, wait = row.get("p90_ms"), row.get("client_wait_ms_per_call")
+            extra = ("" if rps is None else f"{rps:>9.0f}").rjust(9)
+            extra += ("" if p90 is None else f" {p90:>9.3f}").rjust(10)
+            extra += "" if wait is None else f" {wait:>11.3f}"
+            print(f"{name:<62} {p50:>9.3f} {p99:>9.3f} {extra}")
         else:
             print(f"{name:<62} {json.dumps(row)}")
     for name, value in results["ratios"].items():
@@ -712,7 +810,8 @@ def main() -> None:
     if results.get("mismatches"):
         print(f"!!! MISMATCH in {len(results['mismatches'])} checks: {results['mismatches']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.only or 'latest'}.json").write_text(json.dumps(results, indent=2) + "\n")
+    name = (args.only or "latest") + (f"-hogs{args.hogs}" if args.hogs else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

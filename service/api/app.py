@@ -73,6 +73,11 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
         app.state.pool = worker_pool
         app.state.batcher = Batcher(worker_pool, settings.batch_window_ms / 1000.0, settings.batch_max)
         metrics.watch(worker_pool, app.state.batcher)
+        if settings.nice:
+            from service.workers import take_nice
+
+            # On the loop's thread before the pool spawns anything: later threads and workers inherit it.
+            take_nice(settings.nice)
         await worker_pool.start()  # returns at once; /readyz turns 200 when a worker is warm
         try:
             yield

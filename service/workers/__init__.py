@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from service.workers.child import take_nice
 from service.workers.config import PoolConfig, resolve_devices, visible_gpus, worker_memory_ceiling
 from service.workers.pool import WorkerPool
 
-__all__ = ["PoolConfig", "WorkerPool", "resolve_devices", "visible_gpus", "worker_memory_ceiling"]
+__all__ = [
+    "PoolConfig",
+    "WorkerPool",
+    "resolve_devices",
+    "take_nice",
+    "visible_gpus",
+    "worker_memory_ceiling",
+]

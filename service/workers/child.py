@@ -24,7 +24,7 @@ from service.errors import MemoryLimitExceeded, TapeserveError
 from service.limits import Limits
 from service.workers import transport
 
-__all__ = ["WorkerSettings", "child_environment", "read_rss_mb", "worker_main"]
+__all__ = ["WorkerSettings", "child_environment", "read_rss_mb", "take_nice", "worker_main"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class WorkerSettings:
     environment: dict[str, str]
     gpu_memory_limit_mb: int | None
     memory_limit_mb: int | None = None  # the worker's memory ceiling, held during jobs (None: none)
+    nice: int = 0  # taken before any thread starts, so TF's threads have it too (0: inherited as is)
 
 
 def child_environment(
@@ -119,6 +120,8 @@ def _own_statm() -> int:
 def worker_main(conn: Connection, settings: WorkerSettings) -> None:
     """Entry point of a spawned worker; never returns normally (os._exit skips TF's slow teardown)."""
     os.environ.update(settings.environment)
+    if settings.nice:
+        take_nice(settings.nice)
     # Ctrl-C reaches the whole process group; shutting down is the parent's decision, not ours.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(settings.parent_pid)
@@ -183,6 +186,25 @@ def _run_one(
         log.exception("worker %d: result could not be serialized", settings.worker_id)
         problem = TapeserveError("internal error: result could not be serialized").to_dict()
         return transport.encode(("error", job_id, problem, read_rss_mb()))
+
+
+def take_nice(nice: int) -> str | None:
+    """Give the calling thread, and every thread and process it starts afterwards, this nice value.
+
+    Linux keeps nice per thread, so call it before threads start. Raising it is always allowed;
+    lowering it below the current value needs CAP_SYS_NICE (docker: ``cap_add: [SYS_NICE]``). Returns
+    why it could not (also logged), or None.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as exc:
+        why = (
+            f"could not take nice {nice} ({exc.strerror}); below the current value needs CAP_SYS_NICE, "
+            f"so this process runs at {os.getpriority(os.PRIO_PROCESS, 0)}"
+        )
+        log.warning("%s", why)
+        return why
+    return None
 
 
 def hold_memory_ceiling(limit_mb: int) -> int | None:

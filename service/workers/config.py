@@ -41,7 +41,9 @@ class PoolConfig:
     devices: tuple[str, ...]
     queue_size: int = 64  # jobs waiting (not yet on a worker) before Overloaded
     default_timeout_s: float = 30.0  # also the ceiling: a request may ask for less, never more
-    max_jobs_per_worker: int = 10_000  # replace a worker after this many jobs; its successor warms up first
+    # Replace a worker after this many jobs; its successor warms up first, which costs ~3 s of CPU (TF's
+    # import and warm-up) next to the serving processes. Leaks are bounded by memory_limit_mb directly.
+    max_jobs_per_worker: int = 1_000_000
     memory_limit_mb: int | None = None  # RSS ceiling per worker; above it, recycled after its current job
     gpu_memory_limit_mb: int | None = None  # else memory growth on
     intra_op_threads: int = 1  # TF threads for CPU workers
@@ -49,6 +51,10 @@ class PoolConfig:
     cache_size: int = 256  # compiled programs kept per worker (TAPESERVE_CACHE_SIZE in the child)
     numpy_plans: bool = True  # run small, hot programs as numpy plans (TAPESERVE_NUMPY_PLANS in the child)
     shutdown_grace_s: float = 30.0
+    # Nice value each worker takes as it starts, before its threads do (0: inherited as is). Below 0
+    # needs CAP_SYS_NICE; without it the worker logs why and serves at its own. (The API process takes
+    # Settings.nice itself, in create_app's lifespan.)
+    nice: int = 0
     # How long a job may run on a worker before the worker is killed (None: twice default_timeout_s,
     # so a cold compile that outlives the request that started it can finish into the cache for the
     # retry). A request's own deadline only bounds how long its caller waits.
@@ -85,6 +91,8 @@ class PoolConfig:
             raise ValueError("memory_limit_mb must be >= 1")
         if self.gpu_memory_limit_mb is not None and self.gpu_memory_limit_mb < 1:
             raise ValueError("gpu_memory_limit_mb must be >= 1")
+        if not -20 <= self.nice <= 19:
+            raise ValueError("nice must be within -20..19")
         if self.intra_op_threads < 1 or self.inter_op_threads < 1 or self.cache_size < 1:
             raise ValueError("thread counts and cache_size must be >= 1")
         for name, target in (("handler", self.handler), ("warmup", self.warmup)):

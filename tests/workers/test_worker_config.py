@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from service.limits import Limits
 from service.workers import PoolConfig, config, resolve_devices, visible_gpus
-from service.workers.child import child_environment
+from service.workers.child import child_environment, take_nice
 
 
 @pytest.mark.parametrize(
@@ -80,6 +81,7 @@ def test_pool_config_defaults_and_validation() -> None:
     cfg = PoolConfig(devices=("cpu",))
     assert cfg.queue_size == 64 and cfg.default_timeout_s == 30.0 and cfg.limits == Limits()
     assert cfg.handler == "service.engine:execute" and cfg.warmup == "service.engine.warmup:warmup"
+    assert cfg.nice == 0 and cfg.max_jobs_per_worker == 1_000_000
     for bad in [
         {"devices": ()},
         {"devices": ("gpu",)},
@@ -88,6 +90,8 @@ def test_pool_config_defaults_and_validation() -> None:
         {"devices": ("cpu",), "max_jobs_per_worker": 0},
         {"devices": ("cpu",), "memory_limit_mb": 0},
         {"devices": ("cpu",), "handler": "no_colon"},
+        {"devices": ("cpu",), "nice": -21},
+        {"devices": ("cpu",), "nice": 20},
     ]:
         with pytest.raises(ValueError):
             PoolConfig(**bad)  # type: ignore[arg-type]
@@ -125,3 +129,14 @@ def test_child_environment_pins_the_device_before_tensorflow() -> None:
         numpy_plans=False,
     )
     assert off["TAPESERVE_NUMPY_PLANS"] == "0"
+
+
+def test_a_nice_value_that_is_not_allowed_is_explained_and_the_worker_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(which: int, who: int, value: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "setpriority", refuse)
+    why = take_nice(-5)
+    assert why is not None and "CAP_SYS_NICE" in why and "Operation not permitted" in why

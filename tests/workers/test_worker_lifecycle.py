@@ -41,6 +41,15 @@ def test_recycling_after_n_jobs_drops_nothing(make_pool: Any, drive: Driver) -> 
     assert worker["last_exit"]["cause"] == "recycle" and worker["last_exit"]["exitcode"] == 0
 
 
+def test_workers_take_the_configured_nice_before_their_threads_start(make_pool: Any, drive: Driver) -> None:
+    # Raising nice needs no privilege; the worker's later threads (here its parent watch) inherit it.
+    wanted = min(os.getpriority(os.PRIO_PROCESS, 0) + 3, 19)
+    pid = drive(make_pool(nice=wanted).run({"op": "pid"}))
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat", encoding="ascii") as stat:
+            assert int(stat.read().rsplit(")", 1)[1].split()[16]) == wanted
+
+
 def test_recycling_starts_the_successor_first_so_no_job_waits_for_a_start(
     make_pool: Any, drive: Driver
 ) -> None:
