@@ -493,7 +493,8 @@ def test_a_constant_step_count_is_the_literal_and_enters_the_bounds() -> None:
     assert_close(by_name.gradient["a"], dy_da, DERIVED_CHAIN, "d/da")
     assert by_name.hessian is not None
     assert_close(by_name.hessian["a"]["a"], np.diag(d2y_da2), DERIVED_CHAIN.scaled(d2y_da2), "d2/da2")
-    np.testing.assert_array_equal(by_name.gradient["y0"], by_literal.gradient["y0"])
+    # two compiled programs (Grappler may fold the literal one differently): equal to rounding
+    assert_close(by_name.gradient["y0"], by_literal.gradient["y0"], CLOSED_FORM, "named vs literal")
     other = job("sum(fori(n, rk4, y0, a, 0.05))", {"n": np.array(3.0)}, ("n",))
     assert other.signature() != named.signature()
     y3 = rk4_closed_form(y0, a, 0.05, 3)[0]
