@@ -32,6 +32,7 @@ __all__ = [
 
 log = logging.getLogger("tapeserve.api")
 
+
 class GradientPool(Protocol):
     """The part of service.workers.WorkerPool the API uses (tests substitute their own)."""
 
