@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/cold.py` puts bench/, not the repository, on the path
     sys.path.insert(0, str(ROOT))
 
-from bench.run import RESULTS, ROSEN, X10, server, summary, tapeserve  # noqa: E402
+from bench.run import RESULTS, ROSEN, X10, machine, server, summary, tapeserve  # noqa: E402
 
 # The default request deadline (service/api/settings.py, TAPESERVE_REQUEST_TIMEOUT_S).
 DEFAULT_DEADLINE_S = 30.0
@@ -129,12 +128,7 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=3, help="distinct programs per layer family and kind")
     args = parser.parse_args()
     results: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **machine(),
         "load_before": load(),
     }
     argv, port, env = tapeserve({})

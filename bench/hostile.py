@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
-import platform
 import sys
 import threading
 import time
@@ -37,7 +35,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/hostile.py` from the root
 
-from bench.run import RESULTS, ROSEN, X10, server, summary, tapeserve, timed
+from bench.run import RESULTS, ROSEN, X10, machine, server, summary, tapeserve, timed
 
 CEILING_MB = 1500
 KILL_AFTER_S = 5
@@ -248,12 +246,7 @@ def main() -> None:
         }
     )
     results: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **machine(),
         "config": {
             "workers": args.workers,
             "n": args.n,

@@ -672,14 +672,21 @@ def main() -> None:
         run(args)
 
 
-def run(args: argparse.Namespace) -> None:
-    results: dict[str, Any] = {
+def machine() -> dict[str, Any]:
+    """What every results file starts with: the machine and when the run began."""
+    return {
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def run(args: argparse.Namespace) -> None:
+    results: dict[str, Any] = {
+        **machine(),
         "hogs": args.hogs,
         "load_average_before": os.getloadavg(),
         "workloads": {},
