@@ -7,8 +7,9 @@ NDJSON lines, UM-Bridge answers, problem details):
   would write ``null``);
 - an integer orjson cannot write (outside [-2**63, 2**64 - 1]) is its decimal string.
 
-``dumps`` is orjson with numpy buffers in the common case; the content is walked only where a
-cheap check (``sum`` over a list, ``isfinite`` over an array) says a non-finite number may hide,
+``dumps`` is orjson with numpy buffers in the common case: when its output holds no ``null`` (how
+orjson writes a non-finite float), that is the answer. Otherwise the content is walked only where
+a cheap check (``sum`` over a list, ``isfinite`` over an array) says a non-finite number may hide,
 and fully only when orjson refuses it. ``dumps_safe`` cannot fail: anything it still cannot write
 becomes a string.
 """
@@ -96,6 +97,14 @@ def strict(value: Any, *, exact: bool = False, depth: int = 0) -> Any:
 def dumps(content: Any) -> bytes:
     """``content`` as strict JSON, by the one rule for numbers; raises only for what no rule covers
     (an object orjson cannot write at all)."""
+    try:
+        plain = orjson.dumps(content, option=_OPTIONS)
+    except (TypeError, orjson.JSONEncodeError):
+        plain = None
+    # orjson writes every non-finite float as null: output without a null had none, so the walk
+    # below would change nothing. Most answers take this way (one C call, no walk in Python).
+    if plain is not None and b"null" not in plain:
+        return plain
     try:
         return orjson.dumps(strict(content), option=_OPTIONS)
     except (TypeError, orjson.JSONEncodeError):
