@@ -74,8 +74,10 @@ docs: openapi
 
 # HOGS=2: everything runs beside two busy loops (someone else's work on the machine).
 HOGS ?= 0
+# RT=10: every server and the measuring client in SCHED_RR at 10 (needs CAP_SYS_NICE; see docs/performance.md).
+RT ?= 0
 bench: $(VENV)/.installed-server /usr/bin/wrk
-	$(BIN)/python bench/run.py --hogs $(HOGS)
+	$(BIN)/python bench/run.py --hogs $(HOGS) --realtime $(RT)
 
 # httpstan in its own venv (its pinned dependencies stay out of ours); it compiles the Stan model (~35 s).
 bench/.peers/bin/python:
@@ -85,13 +87,14 @@ bench/.peers/bin/python:
 # The second peer, UM-Bridge's own server with a tf.function model (bench/umbridge_peer.py), runs from
 # our venv: it needs TensorFlow (the server extra) and umbridge (the test extra).
 bench-peers: $(VENV)/.installed-test /usr/bin/wrk bench/.peers/bin/python
-	$(BIN)/python bench/run.py --peers --hogs $(HOGS)
+	$(BIN)/python bench/run.py --peers --hogs $(HOGS) --realtime $(RT)
 
 # Issue 21's rows only (tapeserve and httpstan: sequential, wrk 16, interleaved), idle then beside two
 # busy loops: about 2 x 2 minutes. results/hop.json and results/hop-hogs2.json.
 bench-hop: $(VENV)/.installed-test /usr/bin/wrk bench/.peers/bin/python
 	$(BIN)/python bench/run.py --peers --only hop
 	$(BIN)/python bench/run.py --peers --only hop --hogs 2
+	$(BIN)/python bench/run.py --peers --only hop --hogs 2 --realtime 10
 
 # 10,000 distinct expressions (about 10 minutes): worker RSS stays under its bound.
 bench-memory: $(VENV)/.installed-server /usr/bin/wrk

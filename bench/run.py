@@ -60,9 +60,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# --realtime N: every server and the measuring client run in SCHED_RR at N (tapeserve by its own
+# TAPESERVE_REALTIME_PRIORITY, the peers under chrt), so no one's hop waits behind the hogs' slices.
+REALTIME = 0
+
+
 @contextlib.contextmanager
 def server(argv: list[str], port: int, ready_path: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """Run a server process until the block ends; yields its base URL once ready_path answers 200."""
+    if REALTIME and not (env or {}).get("TAPESERVE_REALTIME_PRIORITY"):
+        argv = ["chrt", "--rr", str(REALTIME), *argv]  # a peer: the whole process at the same priority
     proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -244,7 +251,8 @@ def tapeserve(env: dict[str, str]) -> tuple[list[str], int, dict[str, str]]:
     port = free_port()
     argv = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning"]  # fmt: skip
-    return argv, port, {"TAPESERVE_WORKERS": "1", **env}
+    own = {"TAPESERVE_REALTIME_PRIORITY": str(REALTIME)} if REALTIME else {}
+    return argv, port, {"TAPESERVE_WORKERS": "1", **own, **env}
 
 
 def bench_tapeserve(args: argparse.Namespace, rows: dict[str, Any]) -> None:
@@ -667,7 +675,18 @@ def main() -> None:
         "--only", choices=["training", "whole-runs", "hop"], help="run only this workload (results/NAME.json)"
     )
     parser.add_argument("--hogs", type=int, default=0, help="busy loops running beside the whole bench")
+    parser.add_argument(
+        "--realtime",
+        type=int,
+        default=0,
+        help="SCHED_RR priority (2-99) of every server and this client (CAP_SYS_NICE); wrk stays ordinary",
+    )
     args = parser.parse_args()
+    if args.realtime:
+        global REALTIME
+        REALTIME = args.realtime
+        # This thread only; what it starts (servers, wrk) begins ordinary and takes its own priority.
+        os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(args.realtime))
     with cpu_hogs(args.hogs):
         run(args)
 
@@ -688,6 +707,7 @@ def run(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {
         **machine(),
         "hogs": args.hogs,
+        "realtime": args.realtime,
         "load_average_before": os.getloadavg(),
         "workloads": {},
     }
@@ -818,6 +838,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"!!! MISMATCH in {len(results['mismatches'])} checks: {results['mismatches']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = (args.only or "latest") + (f"-hogs{args.hogs}" if args.hogs else "")
+    name += f"-rt{args.realtime}" if args.realtime else ""
     (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

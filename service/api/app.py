@@ -78,6 +78,11 @@ def create_app(settings: Settings | None = None, *, pool: GradientPool | None = 
 
             # On the loop's thread before the pool spawns anything: later threads and workers inherit it.
             take_nice(settings.nice)
+        if settings.realtime_priority:
+            from service.workers import take_realtime
+
+            # The loop's thread only: threads and workers started later begin ordinary (reset on fork).
+            take_realtime(settings.realtime_priority)
         await worker_pool.start()  # returns at once; /readyz turns 200 when a worker is warm
         try:
             yield

@@ -106,6 +106,17 @@ class Settings(BaseSettings):
         le=19,
         description="Nice value of the API process and its workers (below 0 needs CAP_SYS_NICE).",
     )
+    # 0: off. Nice orders threads only within one scheduling group (a session's autogroup, a
+    # container's cgroup); SCHED_RR puts the event loop (at this priority) and each warm worker's
+    # main thread (one below) ahead of every ordinary process, so a hop never waits behind another
+    # tenant's time slice (docs/performance.md). Their later threads start ordinary. Needs CAP_SYS_NICE.
+    realtime_priority: int = Field(
+        0,
+        ge=0,
+        le=99,
+        description="SCHED_RR priority of the API's event loop; workers take one less (0: off; 2-99; "
+        "needs CAP_SYS_NICE).",
+    )
     # Matches the default request deadline, so an in-flight request can always finish.
     shutdown_grace_s: float = Field(30.0, ge=0, le=3600, description="Time to finish in-flight work on stop.")
 
@@ -255,6 +266,15 @@ class Settings(BaseSettings):
             raise ValueError("worker_memory_mb must be 0 (off) or at least 256 (a warm worker takes ~500)")
         return value
 
+    @field_validator("realtime_priority")
+    @classmethod
+    def _realtime_leaves_room_below(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError(
+                "realtime_priority must be 0 (off) or 2-99: workers take one less, and SCHED_RR starts at 1"
+            )
+        return value
+
     @field_validator("devices")
     @classmethod
     def _devices_listed(cls, value: str | None) -> str | None:
@@ -376,5 +396,6 @@ class Settings(BaseSettings):
             numpy_plans=self.numpy_plans,
             shutdown_grace_s=self.shutdown_grace_s,
             nice=self.nice,
+            realtime_priority=max(0, self.realtime_priority - 1),
             limits=self.limits(),
         )

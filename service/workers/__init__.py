@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.workers.child import take_nice
+from service.workers.child import take_nice, take_realtime
 from service.workers.config import PoolConfig, resolve_devices, visible_gpus, worker_memory_ceiling
 from service.workers.pool import WorkerPool
 
@@ -11,6 +11,7 @@ __all__ = [
     "WorkerPool",
     "resolve_devices",
     "take_nice",
+    "take_realtime",
     "visible_gpus",
     "worker_memory_ceiling",
 ]

@@ -24,7 +24,7 @@ from service.errors import MemoryLimitExceeded, TapeserveError
 from service.limits import Limits
 from service.workers import transport
 
-__all__ = ["WorkerSettings", "child_environment", "read_rss_mb", "take_nice", "worker_main"]
+__all__ = ["WorkerSettings", "child_environment", "read_rss_mb", "take_nice", "take_realtime", "worker_main"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ class WorkerSettings:
     gpu_memory_limit_mb: int | None
     memory_limit_mb: int | None = None  # the worker's memory ceiling, held during jobs (None: none)
     nice: int = 0  # taken before any thread starts, so TF's threads have it too (0: inherited as is)
+    # SCHED_RR priority the main thread takes once warm, just before it reports ready (0: none).
+    realtime_priority: int = 0
 
 
 def child_environment(
@@ -141,6 +143,10 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
         _exit(EXIT_STARTUP_FAILED)
     if settings.memory_limit_mb is not None:
         hold_memory_ceiling(settings.memory_limit_mb)
+    if settings.realtime_priority:
+        # Only now: TF's import and warm-up ran at the ordinary priority, and its threads (which
+        # run graph ops) keep it. The main thread (the pipe, numpy plans, tracing) goes first.
+        take_realtime(settings.realtime_priority)
 
     transport.send(conn, transport.encode(("ready", os.getpid())))
     while True:
@@ -202,6 +208,24 @@ def take_nice(nice: int) -> str | None:
             f"could not take nice {nice} ({exc.strerror}); below the current value needs CAP_SYS_NICE, "
             f"so this process runs at {os.getpriority(os.PRIO_PROCESS, 0)}"
         )
+        log.warning("%s", why)
+        return why
+    return None
+
+
+def take_realtime(priority: int) -> str | None:
+    """Put the calling thread in SCHED_RR at ``priority`` (1-99): it then runs as soon as it wakes,
+    ahead of every ordinary (SCHED_OTHER) thread on the machine, whatever their nice or cgroup.
+
+    With SCHED_RESET_ON_FORK: threads and processes it starts later begin ordinary, so the API's
+    work threads and a new worker's TensorFlow import never run ahead of the event loop. Needs
+    CAP_SYS_NICE (docker: ``cap_add: [SYS_NICE]``). Returns why it could not (also logged), or None.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+    except (OSError, AttributeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        why = f"could not take SCHED_RR priority {priority} ({reason}); it needs CAP_SYS_NICE on Linux"
         log.warning("%s", why)
         return why
     return None

@@ -55,6 +55,9 @@ class PoolConfig:
     # needs CAP_SYS_NICE; without it the worker logs why and serves at its own. (The API process takes
     # Settings.nice itself, in create_app's lifespan.)
     nice: int = 0
+    # SCHED_RR priority each worker's main thread takes once warm (0: none; 1-99). Needs CAP_SYS_NICE;
+    # without it the worker logs why and serves as it is. (The API takes one above, in its lifespan.)
+    realtime_priority: int = 0
     # How long a job may run on a worker before the worker is killed (None: twice default_timeout_s,
     # so a cold compile that outlives the request that started it can finish into the cache for the
     # retry). A request's own deadline only bounds how long its caller waits.
@@ -93,6 +96,8 @@ class PoolConfig:
             raise ValueError("gpu_memory_limit_mb must be >= 1")
         if not -20 <= self.nice <= 19:
             raise ValueError("nice must be within -20..19")
+        if not 0 <= self.realtime_priority <= 99:
+            raise ValueError("realtime_priority must be within 0..99")
         if self.intra_op_threads < 1 or self.inter_op_threads < 1 or self.cache_size < 1:
             raise ValueError("thread counts and cache_size must be >= 1")
         for name, target in (("handler", self.handler), ("warmup", self.warmup)):

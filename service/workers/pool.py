@@ -566,6 +566,7 @@ class WorkerPool:
             gpu_memory_limit_mb=config.gpu_memory_limit_mb,
             memory_limit_mb=config.memory_limit_mb,
             nice=config.nice,
+            realtime_priority=config.realtime_priority,
         )
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(

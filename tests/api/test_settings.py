@@ -44,12 +44,19 @@ def test_environment_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
         {"max_order": 0},
         {"log_level": "loud"},
         {"devices": "0,,1"},
+        {"realtime_priority": 1},  # the workers take one less, and SCHED_RR starts at 1
+        {"realtime_priority": 100},
         {"no_such_setting": 1},
     ],
 )
 def test_nonsense_is_refused(overrides: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         Settings(**overrides)  # type: ignore[arg-type]
+
+
+def test_the_workers_take_one_realtime_priority_below_the_event_loop() -> None:
+    assert Settings(realtime_priority=5).pool_config().realtime_priority == 4
+    assert Settings().pool_config().realtime_priority == 0
 
 
 def test_pool_config_cpu_only() -> None:

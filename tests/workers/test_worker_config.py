@@ -9,7 +9,7 @@ import pytest
 
 from service.limits import Limits
 from service.workers import PoolConfig, config, resolve_devices, visible_gpus
-from service.workers.child import child_environment, take_nice
+from service.workers.child import child_environment, take_nice, take_realtime
 
 
 @pytest.mark.parametrize(
@@ -140,3 +140,19 @@ def test_a_nice_value_that_is_not_allowed_is_explained_and_the_worker_goes_on(
     monkeypatch.setattr(os, "setpriority", refuse)
     why = take_nice(-5)
     assert why is not None and "CAP_SYS_NICE" in why and "Operation not permitted" in why
+
+
+def test_a_realtime_priority_that_is_not_allowed_is_explained_and_the_worker_goes_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def refuse(pid: int, policy: int, param: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    why = take_realtime(5)
+    assert why is not None and "CAP_SYS_NICE" in why and "Operation not permitted" in why
+
+
+def test_realtime_priority_is_checked_by_the_pool_config() -> None:
+    with pytest.raises(ValueError, match="realtime_priority"):
+        PoolConfig(devices=("cpu",), realtime_priority=100)
