@@ -119,8 +119,12 @@ def _own_statm() -> int:
     return fd
 
 
-def worker_main(conn: Connection, settings: WorkerSettings) -> None:
-    """Entry point of a spawned worker; never returns normally (os._exit skips TF's slow teardown)."""
+def worker_main(jobs: Connection, replies: Connection, settings: WorkerSettings) -> None:
+    """Entry point of a spawned worker; never returns normally (os._exit skips TF's slow teardown).
+
+    Reads jobs from ``jobs`` and writes replies to ``replies``: two one-way pipes, so the parent
+    reading a reply never wakes this process, blocked reading its next job.
+    """
     os.environ.update(settings.environment)
     if settings.nice:
         take_nice(settings.nice)
@@ -139,7 +143,7 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
                 warmup()
     except BaseException as exc:  # anything, even SystemExit from a handler import, is a failed start
         log.exception("worker %d could not start", settings.worker_id)
-        _send_quietly(conn, ("failed", f"{type(exc).__name__}: {exc}"))
+        _send_quietly(replies, ("failed", f"{type(exc).__name__}: {exc}"))
         _exit(EXIT_STARTUP_FAILED)
     if settings.memory_limit_mb is not None:
         hold_memory_ceiling(settings.memory_limit_mb)
@@ -148,10 +152,10 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
         # run graph ops) keep it. The main thread (the pipe, numpy plans, tracing) goes first.
         take_realtime(settings.realtime_priority)
 
-    transport.send(conn, transport.encode(("ready", os.getpid())))
+    transport.send(replies, transport.encode(("ready", os.getpid())))
     while True:
         try:
-            message = transport.receive(conn)
+            message = transport.receive(jobs)
         except (EOFError, OSError):
             _exit(EXIT_ORPHANED)  # the parent closed the pipe or died
         if message[0] == "stop":
@@ -159,7 +163,7 @@ def worker_main(conn: Connection, settings: WorkerSettings) -> None:
         _, job_id, job = message
         reply = _run_one(handler, job_id, job, settings)
         try:
-            transport.send(conn, reply)
+            transport.send(replies, reply)
         except OSError:
             _exit(EXIT_ORPHANED)
         if after_reply is not None:

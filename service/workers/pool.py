@@ -1,13 +1,14 @@
 """The supervised worker pool: spawned processes that run jobs one at a time, killed and replaced at will.
 
-Design: the asyncio loop owns all pool state and each worker's pipe: the parent's end is an asyncio
-transport (``_Pipe``), so replies are read by the loop itself, with no thread hop, and writes never
-block it (a wedged child only makes the transport buffer). The pipe's end (EOF) is how a death is
-noticed; a short-lived thread then reaps the process and reports its exit code to the loop. Jobs wait
-in one bounded FIFO queue; a free worker takes the head, and among several free workers the one that
-recently served the same affinity key (compile-cache signature) wins. A worker that has served its
-``max_jobs_per_worker`` is replaced without a gap: its successor starts while it serves on, and takes
-over once warm.
+Design: the asyncio loop owns all pool state and each worker's pipes: two one-way OS pipes (jobs in,
+replies out; a socket pair would wake the child, blocked reading, each time the parent reads a
+reply), whose parent ends are asyncio transports (``_Pipe``), so replies are read by the loop
+itself, with no thread hop, and writes never block it (a wedged child only makes the transport
+buffer). The reply pipe's end (EOF) is how a death is noticed; a short-lived thread then reaps the
+process and reports its exit code to the loop. Jobs wait in one bounded FIFO queue; a free worker
+takes the head, and among several free workers the one that recently served the same affinity key
+(compile-cache signature) wins. A worker that has served its ``max_jobs_per_worker`` is replaced
+without a gap: its successor starts while it serves on, and takes over once warm.
 
 Deadlines cost only their owner: a request whose deadline passes gets its Timeout at once, but the
 job it started keeps its worker until it finishes (so a cold compile lands in the worker's cache for
@@ -26,13 +27,14 @@ What ``run`` raises, besides the handler's own TapeserveError rebuilt in the par
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import itertools
 import logging
 import math
 import multiprocessing
 import os
 import signal
-import socket
 import threading
 import time
 from collections import Counter, OrderedDict, deque
@@ -75,6 +77,11 @@ _BACKOFF_MAX_S = 10.0
 _DRAIN_POLL_S = 0.02
 # Quarantined programs remembered at once; the oldest is forgotten first (entries are small ints).
 _QUARANTINE_ENTRIES = 4096
+# Capacity asked for each worker pipe (Linux caps unprivileged requests at /proc/sys/fs/pipe-max-size,
+# 1 MiB by default; where it fails the pipe keeps its 64 KiB).
+_PIPE_BYTES = 2**20
+# Frames up to this size are written with their length prefix in one piece (a copy, ~10 us at most).
+_JOINED_FRAME_BYTES = 256 * 1024
 
 # Worker states, as status() reports them.
 STARTING, IDLE, BUSY, STOPPING, BACKOFF, STOPPED = (
@@ -141,10 +148,11 @@ class _Worker:
 
 
 class _Pipe(asyncio.Protocol):
-    """The parent's end of one worker's pipe, read and written by the event loop.
+    """The parent's ends of one worker's two pipes: replies read, jobs written by the event loop.
 
     Frames carry ``multiprocessing.Connection``'s length prefix, so the child keeps its plain
-    blocking ``Connection``. Messages go to ``on_message``; the end of the stream to ``on_closed``.
+    blocking ``Connection`` objects. Messages go to ``on_message``; the end of the reply stream to
+    ``on_closed``. The loop connects this protocol to the reply pipe and ``writer()`` to the job pipe.
     """
 
     def __init__(
@@ -153,19 +161,33 @@ class _Pipe(asyncio.Protocol):
         self._on_message = on_message
         self._on_closed = on_closed
         self._on_garbage = on_garbage
-        self._transport: asyncio.Transport | None = None
-        self._pending: list[bytes | memoryview] = []  # written before the transport was connected
+        self._transport: asyncio.WriteTransport | None = None  # the job pipe's
+        self._reader: asyncio.BaseTransport | None = None  # the reply pipe's
+        self._pending: list[bytes | memoryview] = []  # written before the job pipe was connected
         self._buffer = bytearray()
         self._decoder = transport.Decoder()
         self.closed = False
         self.broken = False  # sent something unreadable: everything after it is ignored
 
     def connection_made(self, transport_: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport_)  # uvloop's is not a subclass, but one in kind
+        self._reader = transport_
+        if self.closed:
+            transport_.close()
+
+    def writer(self) -> asyncio.BaseProtocol:
+        """The job pipe's protocol: it hands its transport here; its end is the reply pipe's to report."""
+        return _PipeWriter(self)
+
+    def _writer_made(self, transport_: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.WriteTransport, transport_)  # uvloop's is one in kind
         if self.closed:
             self._transport.close()
         elif self._pending:
             self._transport.writelines(self._pending)
+        self._pending = []
+
+    def _writer_lost(self) -> None:
+        self._transport = None  # the child closed its end or died: its exit comes through the replies
         self._pending = []
 
     def write(self, frames: transport.Frames) -> None:
@@ -173,7 +195,11 @@ class _Pipe(asyncio.Protocol):
             return  # the child is gone; its exit is being reported
         data: list[bytes | memoryview] = []
         for frame in frames:
-            data += (transport.frame_header(frame.nbytes), frame)
+            if frame.nbytes <= _JOINED_FRAME_BYTES:
+                # One write: a length prefix written on its own wakes the child for it alone.
+                data.append(transport.frame_header(frame.nbytes) + frame)
+            else:
+                data += (transport.frame_header(frame.nbytes), frame)
         if self._transport is None:
             self._pending += data
         else:
@@ -213,6 +239,9 @@ class _Pipe(asyncio.Protocol):
         return False  # close our end too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._reader = None
+        if self._transport is not None:
+            self._transport.close()
         self._transport = None
         self._pending = []
         if not self.closed:
@@ -220,10 +249,24 @@ class _Pipe(asyncio.Protocol):
             self._on_closed()
 
     def close(self) -> None:
-        """Close our end after the child's exit has been handled (no ``on_closed`` call follows)."""
+        """Close our ends after the child's exit has been handled (no ``on_closed`` call follows)."""
         self.closed = True
-        if self._transport is not None:
-            self._transport.close()
+        for end in (self._transport, self._reader):
+            if end is not None:
+                end.close()
+
+
+class _PipeWriter(asyncio.BaseProtocol):
+    """The job pipe's protocol: only connects its transport to the ``_Pipe`` that writes on it."""
+
+    def __init__(self, pipe: _Pipe) -> None:
+        self._pipe = pipe
+
+    def connection_made(self, transport_: asyncio.BaseTransport) -> None:
+        self._pipe._writer_made(transport_)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pipe._writer_lost()
 
 
 class WorkerPool:
@@ -568,28 +611,36 @@ class WorkerPool:
             nice=config.nice,
             realtime_priority=config.realtime_priority,
         )
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        jobs_out, jobs_in = self._ctx.Pipe(duplex=False)  # (reader, writer): the child reads jobs
+        replies_out, replies_in = self._ctx.Pipe(duplex=False)  # the child writes replies
         process = self._ctx.Process(
-            target=worker_main, args=(child_conn, settings), name=f"tapeserve-worker-{worker.id}", daemon=True
+            target=worker_main,
+            args=(jobs_out, replies_in, settings),
+            name=f"tapeserve-worker-{worker.id}",
+            daemon=True,
         )
         try:
             process.start()
         except OSError as exc:
-            parent_conn.close()
+            jobs_in.close()
+            replies_out.close()
             log.error("could not spawn worker %d: %s", worker.id, exc)
             return None
         finally:
-            child_conn.close()  # the child holds its own copy; ours would hide the child's EOF
+            # The child holds its own copies; ours would hide the child's EOF.
+            jobs_out.close()
+            replies_in.close()
         incarnation = _Incarnation(process=process)
         incarnation.pipe = _Pipe(
             on_message=lambda message: self._on_message(worker, incarnation, message),
             on_closed=lambda: self._reap(worker, incarnation),
             on_garbage=lambda: self._on_garbage(worker, incarnation),
         )
-        # Our own socket (a duplicate descriptor) for the loop; the Connection object is done with.
-        sock = socket.socket(fileno=os.dup(parent_conn.fileno()))
-        parent_conn.close()
-        task = self._running_loop().create_task(self._connect(worker, incarnation, sock))
+        # Our own descriptors (duplicates) for the loop; the Connection objects are done with.
+        ends = (os.dup(replies_out.fileno()), os.dup(jobs_in.fileno()))
+        replies_out.close()
+        jobs_in.close()
+        task = self._running_loop().create_task(self._connect(worker, incarnation, ends))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return incarnation
@@ -767,14 +818,22 @@ class WorkerPool:
 
     # ---------------------------------------------------------------- per-process threads
 
-    async def _connect(self, worker: _Worker, incarnation: _Incarnation, sock: socket.socket) -> None:
+    async def _connect(self, worker: _Worker, incarnation: _Incarnation, ends: tuple[int, int]) -> None:
         pipe = incarnation.pipe
         assert pipe is not None
+        replies, jobs = os.fdopen(ends[0], "rb", buffering=0), os.fdopen(ends[1], "wb", buffering=0)
+        for end in (replies, jobs):
+            with contextlib.suppress(OSError, AttributeError):
+                # A large job or reply crosses in fewer wake-ups (Linux; the default is 64 KiB).
+                fcntl.fcntl(end.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        loop = self._running_loop()
         try:
-            await self._running_loop().connect_accepted_socket(lambda: pipe, sock)
+            await loop.connect_read_pipe(lambda: pipe, replies)
+            await loop.connect_write_pipe(pipe.writer, jobs)
         except Exception:
-            log.exception("worker %d: its pipe could not join the event loop; killing it", worker.id)
-            sock.close()
+            log.exception("worker %d: its pipes could not join the event loop; killing it", worker.id)
+            for end in (replies, jobs):
+                end.close()
             _kill_quietly(incarnation.process)
             pipe.connection_lost(None)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -80,3 +81,12 @@ def test_the_end_of_the_pipe_is_reported_once() -> None:
 def test_frame_headers_match_multiprocessing() -> None:
     assert transport.frame_header(10) == (10).to_bytes(4, "big")
     assert transport.frame_header(2**31) == (-1).to_bytes(4, "big", signed=True) + (2**31).to_bytes(8, "big")
+
+
+def test_a_worker_talks_to_the_pool_over_two_one_way_pipes_not_a_socket(make_pool: Any, drive: Any) -> None:
+    # With a socket pair, each reply the parent reads would wake the child, blocked reading its next job.
+    pid = drive(make_pool().run({"op": "pid"}))
+    targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    assert not [t for t in targets if t.startswith("socket:")], targets
+    pipes = [t for t in targets if t.startswith("pipe:")]
+    assert len(pipes) >= 2, targets
