@@ -6,10 +6,13 @@ persistent GradientTapes (plus a ForwardAccumulator for jvp), as in the Gradient
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +58,14 @@ _PLAN_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
 # takes 5-20 ms, so a worker does it after sending that call's reply (after_reply); in-process
 # callers get it at the start of their next run.
 _PENDING: list[tuple[TapeProgram, list[np.ndarray], list[np.ndarray]]] = []
+# Stacked forms being traced in a background thread (key -> its future): tracing one takes 0.2-0.5 s,
+# a stall for every queued request if done in line, so meanwhile the requests of a stacked job run
+# one by one on their warm plain program, and the stacked form is used once it is ready.
+_STACKING: dict[str, Future[TapeProgram]] = {}
+_TRACER: ThreadPoolExecutor | None = None
+# While it traces, the interpreter switches threads this often (seconds), so jobs on the main thread
+# wait at most about this long for it (Python's default, 5 ms, would be each request's wait).
+_TRACING_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass(slots=True)
@@ -202,7 +213,10 @@ def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientRe
     key = first.signature()
     if any(j.signature() != key for j in stacked.jobs[1:]):
         raise InvalidRequest("a stacked job mixes programs of different signatures")
-    program, cache = _program(first, limits, stacked=True)
+    ready = _stacked_program(first, stacked.jobs, limits)
+    if ready is None:  # its stacked form is being traced: each request on the warm plain program
+        return [run(job, limits) for job in stacked.jobs]
+    program, cache = ready
     start = time.perf_counter()
     arrays, executor = _call(program, first, stacked.jobs)
     compute_ms = (time.perf_counter() - start) * 1000.0 / len(stacked.jobs)
@@ -210,6 +224,53 @@ def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientRe
         _result(job, {k: v[i] for k, v in arrays.items()}, cache, compute_ms, executor)
         for i, job in enumerate(stacked.jobs)
     ]
+
+
+def _stacked_program(
+    first: GradientJob, jobs: list[GradientJob], limits: Limits
+) -> tuple[TapeProgram, str] | None:
+    """The stacked program for ``first``'s signature, or None while it is traced in the background.
+
+    Only a program whose plain form is cached (warm) gets its stacked form traced in the background;
+    otherwise, or when that tracing failed, it is traced here, so its error is this call's.
+    """
+    key = "stacked|" + first.signature()
+    program = _CACHE.get(key)
+    if program is not None:
+        return program, "hit"
+    tracing = _STACKING.get(key)
+    if tracing is not None:
+        if not tracing.done():
+            return None
+        del _STACKING[key]
+        with contextlib.suppress(Exception):
+            _CACHE.put(key, tracing.result())
+            return _CACHE.entries[key], "miss"
+    elif first.signature() in _CACHE.entries:
+        _STACKING[key] = _tracer().submit(_trace_stacked, first, limits, list(jobs))
+        return None
+    return _program(first, limits, stacked=True)
+
+
+def _tracer() -> ThreadPoolExecutor:
+    global _TRACER
+    if _TRACER is None:
+        _TRACER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stacked-trace")
+    return _TRACER
+
+
+def _trace_stacked(first: GradientJob, limits: Limits, jobs: list[GradientJob]) -> TapeProgram:
+    """Trace and instantiate (first call, on ``jobs``' values) a stacked program, off the thread that
+    answers jobs."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, _TRACING_SWITCH_INTERVAL_S))
+    try:
+        program = _compile(first, limits, stacked=True)
+        with contextlib.suppress(Exception):  # these values may fail it; the program is what we want
+            _call(program, first, jobs)
+        return program
+    finally:
+        sys.setswitchinterval(interval)
 
 
 def _unflatten(arrays: dict[str, np.ndarray], variable: str | None) -> GradientResult:

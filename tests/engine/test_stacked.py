@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import pytest
 
-from service.engine import execute
-from service.errors import EvaluationError, InvalidRequest
+from service.engine import execute, runner
+from service.errors import EvaluationError, InvalidRequest, LimitExceeded
 from service.jobs import GradientJob, GradientResult, StackedGradientJob
-from tests.tolerances import EXACT, FLOAT32_CLOSED_FORM, STACKED, assert_close
+from service.limits import Limits
+from tests.tolerances import CLOSED_FORM, EXACT, FLOAT32_CLOSED_FORM, STACKED, assert_close
 
 ROSEN = "sum(100*(x[1:]-x[:-1]**2)**2 + (1-x[:-1])**2)"
 
@@ -111,3 +113,46 @@ def test_a_bad_value_fails_the_stacked_call_as_a_user_error() -> None:
     ]
     with pytest.raises(EvaluationError):
         execute(StackedGradientJob(jobs))
+
+
+def _traced_aside(key: str) -> None:
+    """Wait (a condition, generous ceiling: tracing takes 0.2-0.5 s, far more on a loaded machine)."""
+    deadline = time.monotonic() + 120
+    while not runner._STACKING[key].done():
+        assert time.monotonic() < deadline, "the stacked form was not traced within 120 s"
+        time.sleep(0.01)
+
+
+def test_a_warm_program_answers_a_stacked_job_at_once_while_its_stacked_form_is_traced_aside() -> None:
+    jobs = [GradientJob("sum(x**3) + 0.25", {"x": np.full(4, i / 4)}, dtype="float64") for i in range(6)]
+    for job in jobs[:3]:
+        execute(job)  # the plain program is warm (and, after its second call, a numpy plan)
+    key = "stacked|" + jobs[0].signature()
+    first = stacked(jobs)
+    # Not traced in line: the requests were answered one by one by the plain program meanwhile.
+    assert key in runner._STACKING and {r.executor for r in first} == {"numpy"}
+    _traced_aside(key)
+    adopted, again = stacked(jobs), stacked(jobs)
+    assert key not in runner._STACKING
+    assert [r.cache for r in adopted] == ["miss"] * 6 and [r.cache for r in again] == ["hit"] * 6
+    assert {r.executor for r in adopted} == {"tensorflow"}
+    for i, results in enumerate(zip(first, adopted, again, strict=True)):
+        for result in results:
+            assert_close(result.gradient["x"], np.full(4, 3 * (i / 4) ** 2), CLOSED_FORM, f"gradient {i}")  # type: ignore[index]
+
+
+def test_a_stacked_form_that_cannot_be_traced_aside_fails_the_next_stacked_job_as_before() -> None:
+    # 10 x 1,000 elements per request fit the bound; stacked (the bound counts 1,024 requests) they do not.
+    limits = Limits(max_tensor_elements=1_000_000)
+    jobs = [
+        GradientJob("sum(tile(x, [1000]))", {"x": np.full(10, float(i))}, dtype="float64") for i in range(3)
+    ]
+    for job in jobs:
+        execute(job, limits)
+    key = "stacked|" + jobs[0].signature()
+    answers = execute(StackedGradientJob(jobs), limits)
+    assert isinstance(answers, list) and all(a.gradient["x"][0] == 1000.0 for a in answers)  # type: ignore[index]
+    _traced_aside(key)
+    with pytest.raises(LimitExceeded):
+        execute(StackedGradientJob(jobs), limits)
+    assert key not in runner._STACKING
