@@ -89,8 +89,9 @@ bench/.peers/bin/python:
 bench-peers: $(VENV)/.installed-test /usr/bin/wrk bench/.peers/bin/python
 	$(BIN)/python bench/run.py --peers --hogs $(HOGS) --realtime $(RT)
 
-# Issue 21's rows only (tapeserve and httpstan: sequential, wrk 16, interleaved), idle then beside two
-# busy loops: about 2 x 2 minutes. results/hop.json and results/hop-hogs2.json.
+# Issue 21's rows only (tapeserve and httpstan: sequential, wrk 16, interleaved): idle, beside two busy
+# loops, and beside them with every server and the client in SCHED_RR (needs CAP_SYS_NICE): about
+# 3 x 1.5 minutes. results/hop.json, results/hop-hogs2.json and results/hop-hogs2-rt10.json.
 bench-hop: $(VENV)/.installed-test /usr/bin/wrk bench/.peers/bin/python
 	$(BIN)/python bench/run.py --peers --only hop
 	$(BIN)/python bench/run.py --peers --only hop --hogs 2
