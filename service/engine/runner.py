@@ -213,7 +213,7 @@ def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientRe
     key = first.signature()
     if any(j.signature() != key for j in stacked.jobs[1:]):
         raise InvalidRequest("a stacked job mixes programs of different signatures")
-    ready = _stacked_program(first, stacked.jobs, limits)
+    ready = _stacked_program(first, limits)
     if ready is None:  # its stacked form is being traced: each request on the warm plain program
         return [run(job, limits) for job in stacked.jobs]
     program, cache = ready
@@ -226,9 +226,7 @@ def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientRe
     ]
 
 
-def _stacked_program(
-    first: GradientJob, jobs: list[GradientJob], limits: Limits
-) -> tuple[TapeProgram, str] | None:
+def _stacked_program(first: GradientJob, limits: Limits) -> tuple[TapeProgram, str] | None:
     """The stacked program for ``first``'s signature, or None while it is traced in the background.
 
     Only a program whose plain form is cached (warm) gets its stacked form traced in the background;
@@ -247,7 +245,7 @@ def _stacked_program(
             _CACHE.put(key, tracing.result())
             return _CACHE.entries[key], "miss"
     elif first.signature() in _CACHE.entries:
-        _STACKING[key] = _tracer().submit(_trace_stacked, first, limits, list(jobs))
+        _STACKING[key] = _tracer().submit(_trace_stacked, first, limits)
         return None
     return _program(first, limits, stacked=True)
 
@@ -259,15 +257,25 @@ def _tracer() -> ThreadPoolExecutor:
     return _TRACER
 
 
-def _trace_stacked(first: GradientJob, limits: Limits, jobs: list[GradientJob]) -> TapeProgram:
-    """Trace and instantiate (first call, on ``jobs``' values) a stacked program, off the thread that
-    answers jobs."""
+def _trace_stacked(first: GradientJob, limits: Limits) -> TapeProgram:
+    """Trace and instantiate a stacked program, off the thread that answers jobs.
+
+    It is instantiated (TensorFlow's graph optimizer runs on the first call) on an empty stack of
+    requests: nothing computes on anyone's values here, so a failure in this thread can never be
+    charged to the job the main thread happens to be running.
+    """
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, _TRACING_SWITCH_INTERVAL_S))
     try:
         program = _compile(first, limits, stacked=True)
-        with contextlib.suppress(Exception):  # these values may fail it; the program is what we want
-            _call(program, first, jobs)
+        dtype = np.float32 if first.dtype == "float32" else np.float64
+        arrays = [
+            np.asarray(first.cotangent if g == "cotangent" else getattr(first, g)[n])
+            for g, n in program.inputs
+        ]
+        empty = [np.zeros((0, *a.shape), dtype) for a in arrays]
+        with contextlib.suppress(Exception):  # only the instantiation matters
+            program.call(*[tf.constant(a) for a in empty])
         return program
     finally:
         sys.setswitchinterval(interval)
