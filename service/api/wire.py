@@ -41,7 +41,8 @@ def _name(value: float) -> str:
 def _finite_list(items: list[Any]) -> bool:
     """True when ``items`` is a flat list of finite numbers (checked by ``sum``, at C speed)."""
     try:
-        total = sum(items)
+        with np.errstate(over="ignore", invalid="ignore"):  # numpy scalars: inf - inf is the answer here
+            total = sum(items)
     except (TypeError, OverflowError, ValueError):
         return False  # strings, lists, dicts, None... or huge integers mixed with floats
     if isinstance(total, bool | int):
