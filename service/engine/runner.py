@@ -213,7 +213,7 @@ def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientRe
     key = first.signature()
     if any(j.signature() != key for j in stacked.jobs[1:]):
         raise InvalidRequest("a stacked job mixes programs of different signatures")
-    ready = _stacked_program(first, limits)
+    ready = _stacked_program(first, key, limits)
     if ready is None:  # its stacked form is being traced: each request on the warm plain program
         return [run(job, limits) for job in stacked.jobs]
     program, cache = ready
@@ -226,27 +226,28 @@ def _run_stacked(stacked: StackedGradientJob, limits: Limits) -> list[GradientRe
     ]
 
 
-def _stacked_program(first: GradientJob, limits: Limits) -> tuple[TapeProgram, str] | None:
-    """The stacked program for ``first``'s signature, or None while it is traced in the background.
+def _stacked_program(first: GradientJob, signature: str, limits: Limits) -> tuple[TapeProgram, str] | None:
+    """The stacked program for ``first`` (whose plain program is ``signature``), or None while it is
+    traced in the background.
 
     Only a program whose plain form is cached (warm) gets its stacked form traced in the background;
     otherwise, or when that tracing failed, it is traced here, so its error is this call's.
     """
-    key = "stacked|" + first.signature()
+    key = "stacked|" + signature
     program = _CACHE.get(key)
     if program is not None:
         return program, "hit"
     tracing = _STACKING.get(key)
+    if tracing is None and signature in _CACHE.entries:
+        _STACKING[key] = _tracer().submit(_trace_stacked, first, limits)
+        return None
     if tracing is not None:
         if not tracing.done():
             return None
         del _STACKING[key]
-        with contextlib.suppress(Exception):
+        if tracing.exception() is None:
             _CACHE.put(key, tracing.result())
-            return _CACHE.entries[key], "miss"
-    elif first.signature() in _CACHE.entries:
-        _STACKING[key] = _tracer().submit(_trace_stacked, first, limits)
-        return None
+            return tracing.result(), "miss"
     return _program(first, limits, stacked=True)
 
 
