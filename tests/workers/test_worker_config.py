@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -131,25 +132,19 @@ def test_child_environment_pins_the_device_before_tensorflow() -> None:
     assert off["TAPESERVE_NUMPY_PLANS"] == "0"
 
 
-def test_a_nice_value_that_is_not_allowed_is_explained_and_the_worker_goes_on(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("call", "take", "value"),
+    [("setpriority", take_nice, -5), ("sched_setscheduler", take_realtime, 5)],
+    ids=["nice", "realtime"],
+)
+def test_a_priority_that_is_not_allowed_is_explained_and_the_worker_goes_on(
+    monkeypatch: pytest.MonkeyPatch, call: str, take: Callable[[int], str | None], value: int
 ) -> None:
-    def refuse(which: int, who: int, value: int) -> None:
+    def refuse(*args: object) -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(os, "setpriority", refuse)
-    why = take_nice(-5)
-    assert why is not None and "CAP_SYS_NICE" in why and "Operation not permitted" in why
-
-
-def test_a_realtime_priority_that_is_not_allowed_is_explained_and_the_worker_goes_on(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def refuse(pid: int, policy: int, param: object) -> None:
-        raise PermissionError(1, "Operation not permitted")
-
-    monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    why = take_realtime(5)
+    monkeypatch.setattr(os, call, refuse)
+    why = take(value)
     assert why is not None and "CAP_SYS_NICE" in why and "Operation not permitted" in why
 
 
