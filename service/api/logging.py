@@ -115,8 +115,9 @@ class RequestContextMiddleware:
 
 def _access_line(method: str, route: str, status: int, duration: float, key_id: str | None) -> None:
     """One access line: straight to the service's own JSON handler when that is where it would go."""
-    duration_ms = round(duration * 1000.0, 3)
-    message = f"{method} {route} {status} {duration * 1000.0:.1f} ms"
+    milliseconds = duration * 1000.0
+    duration_ms = round(milliseconds, 3)
+    message = f"{method} {route} {status} {milliseconds:.1f} ms"
     handler = _direct_handler()
     if handler is not None:
         # What the handler would write for the record below, without the record: the logging
