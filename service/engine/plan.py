@@ -584,7 +584,27 @@ def build_plan(graph: Any, inputs: Sequence[Any], outputs: Sequence[Any], max_no
         builder.refs[t.name] = builder.new_slot(None)
     results = builder.emit(graph, {}, [t.name for t in outputs])
     out_slots = [r if isinstance(r, int) else builder.new_slot(r.value) for r in results]
-    return Plan(builder.registers, builder.steps, [builder.refs[t.name] for t in inputs], out_slots)  # type: ignore[misc]
+    steps = _live_steps(builder.steps, out_slots)
+    return Plan(builder.registers, steps, [builder.refs[t.name] for t in inputs], out_slots)  # type: ignore[misc]
+
+
+def _live_steps(
+    steps: list[tuple[Kernel, tuple[int, ...], int]], outputs: Sequence[int]
+) -> list[tuple[Kernel, tuple[int, ...], int]]:
+    """The steps some output depends on, in order: TF's executor prunes the rest too.
+
+    A traced graph keeps nodes no output needs: pfor, converting a Hessian's rows, emits the loop
+    body's own second backward pass beside the vectorized one (14 of the 52 steps of rosen10's
+    gradient+Hessian). Kernels are pure, so dropping them changes nothing but the time.
+    """
+    live = set(outputs)
+    kept = []
+    for step in reversed(steps):
+        if step[2] in live:
+            live.update(step[1])
+            kept.append(step)
+    kept.reverse()
+    return kept
 
 
 class _Known:

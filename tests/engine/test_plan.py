@@ -131,6 +131,21 @@ def test_plans_reproduce_tensorflow(expression: str, derivatives: tuple[str, ...
     assert_same(first, third)
 
 
+@pytest.mark.parametrize(("expression", "derivatives"), PLANNED[:3], ids=[e for e, _ in PLANNED[:3]])
+def test_plans_run_only_the_steps_an_output_needs(expression: str, derivatives: tuple[str, ...]) -> None:
+    """pfor leaves the loop body's own backward pass in a Hessian's graph beside the vectorized one
+    (14 of rosen's 52 steps): TF's executor never runs it, and neither does the plan."""
+    tangents = {"x": V, "y": V[::-1].copy()} if "hvp" in derivatives else {}
+    three_calls(lambda: job(expression, derivatives, tangents=tangents))
+    (program,) = [entry for entry in runner._CACHE.entries.values() if entry.plan is not None]
+    plan = program.plan
+    assert plan is not None
+    needed = set(plan.outputs)
+    for _, args, out in reversed(plan.steps):
+        assert out in needed, f"step writing register {out} feeds no output"
+        needed.update(args)
+
+
 def test_vector_expressions_jacobian_jvp_vjp_and_higher_orders() -> None:
     tangents = {"x": V, "y": V[::-1].copy()}
     first, third = three_calls(
